@@ -1,0 +1,39 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.nrr-installed
+export UV_CACHE_DIR := $(CURDIR)/.cache/uv
+export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
+export OMP_WAIT_POLICY := PASSIVE
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: env demo test test-fast clean-env
+
+env: $(STAMP)
+
+# torch first, from the local CPU wheel (anything that asks for torch later would pull a CUDA build);
+# then every other package at its pinned version without dependency resolution (constraints/cpu.txt
+# was resolved as a whole; see its header for the three deliberate exclusions).
+$(STAMP): constraints/cpu.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==$$(sed -n 's/^uv==//p' constraints/cpu.txt)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -r constraints/cpu.txt
+	$(BIN)/uv pip uninstall --quiet --python $(BIN)/python torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import torch, megatron.core, nemo_curator, nemo_run, vllm, math_verify, recipes" 2>/dev/null
+	@touch $(STAMP)
+
+demo: env
+	$(BIN)/nrr pipeline --config nemo_configs/pipeline/embedded.yaml
+
+test: env
+	$(BIN)/python -m pytest -q -ra --timeout=900 tests
+
+test-fast: env
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""NeMo Curator pipelines that build long chain-of-thought corpora."""

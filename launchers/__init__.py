@@ -1,0 +1,1 @@
+"""NeMo-Run launchers: executors, stage tasks, the pipeline experiment."""

@@ -1,0 +1,72 @@
+import dataclasses
+import subprocess
+import sys
+from typing import Literal, Optional
+
+import pytest
+
+from recipes.config import ConfigError, load_config, required, save_config, read_yaml
+
+
+@dataclasses.dataclass
+class Trainer:
+    max_steps: int = 10
+    lr: float = 1e-3
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclasses.dataclass
+class Cfg:
+    name: str = required()
+    trainer: Trainer = dataclasses.field(default_factory=Trainer)
+    levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    note: Optional[str] = None
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "name: a\ntrainer:\n  max_steps: 5\n")
+    cfg = load_config(Cfg, p, ["trainer.lr=0.5", "levels=[3,4]", "note=hi"])
+    assert cfg.trainer.max_steps == 5 and cfg.trainer.lr == 0.5 and cfg.levels == [3, 4] and cfg.note == "hi"
+    out = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(Cfg, out)
+    assert again == cfg
+
+
+def test_unknown_key_in_yaml_names_file_line_and_suggestion(tmp_path):
+    p = write(tmp_path, "name: a\ntrainer:\n  max_stepz: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, p)
+    msg = str(err.value)
+    assert f"{p}:3" in msg and "trainer.max_stepz" in msg and "trainer.max_steps" in msg
+
+
+def test_unknown_override_names_key(tmp_path):
+    p = write(tmp_path, "name: a\n")
+    with pytest.raises(ConfigError, match=r"trainer\.max_stepz.*did you mean 'trainer\.max_steps'"):
+        load_config(Cfg, p, ["trainer.max_stepz=3"])
+
+
+def test_wrong_type_and_missing_required(tmp_path):
+    p = write(tmp_path, "name: a\ntrainer:\n  max_steps: many\n")
+    with pytest.raises(ConfigError, match=rf"{p}:3.*trainer\.max_steps.*integer"):
+        load_config(Cfg, p)
+    with pytest.raises(ConfigError, match="missing required value 'name'"):
+        load_config(Cfg, write(tmp_path, "trainer: {}\n"))
+    with pytest.raises(ConfigError, match="schedule.*one of"):
+        load_config(Cfg, write(tmp_path, "name: a\n"), ["trainer.schedule=linear"])
+
+
+def test_read_yaml_lines(tmp_path):
+    _, where = read_yaml(write(tmp_path, "a: 1\nb:\n  c: 2\n"))
+    assert where["b.c"].endswith(":3")
+
+
+def test_cli_lists_stages():
+    out = subprocess.run([sys.executable, "-m", "recipes.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "task" in out.stdout

@@ -1,0 +1,58 @@
+import tempfile
+
+import pytest
+
+from recipes import chat_template as ct
+from recipes import task
+from recipes import tokenizer as tk
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5, 6])
+def test_steps_reduce_one_operation_each_and_agree_with_eval(level):
+    for p in task.generate(level, 200, seed=3):
+        assert len(p.steps) == level
+        assert int(p.answer) == task.evaluate(p.question)
+        for step in p.steps[:-1]:
+            assert task.evaluate(step) == int(p.answer)
+
+
+def test_heldout_is_fixed_and_disjoint():
+    a = task.heldout_problems([1, 2, 3], 50)
+    b = task.heldout_problems([1, 2, 3], 50)
+    assert [p.id for p in a] == [p.id for p in b]
+    train = {p.question for p in task.train_problems([1, 2, 3], 2000, seed=7)}
+    assert not train & {p.question for p in a}
+
+
+def test_hand_checked_reduction():
+    assert task.solve_steps("(3+4)*5-2") == ["7*5-2", "35-2", "33"]
+    assert task.solve_steps("2+3*4") == ["2+12", "14"]
+    assert task.solve_steps("((1+2)*3)") == ["(3*3)", "9"]
+
+
+def test_template_matches_transformers_and_tokenizer_round_trips():
+    transformers = pytest.importorskip("transformers")
+    d = tempfile.mkdtemp()
+    tk.save_hf_tokenizer(d)
+    hf = transformers.AutoTokenizer.from_pretrained(d)
+    p = task.generate(3, 1)[0]
+    msgs = ct.prompt_messages(p.question, system="Be brief.") + [
+        {"role": "assistant", "content": task.assistant_response(p)}
+    ]
+    for gen, think in [(False, True), (True, True), (True, False)]:
+        m = msgs[:-1] if gen else msgs
+        ours = ct.render(m, add_generation_prompt=gen, enable_thinking=think)
+        assert hf.apply_chat_template(m, tokenize=False, add_generation_prompt=gen, enable_thinking=think) == ours
+        assert hf(ours, add_special_tokens=False)["input_ids"] == tk.encode(ours)
+    assert hf.eos_token_id == tk.eos_id()
+    text = "héllo 数学 \\frac{1}{2} <think>"
+    assert tk.decode(tk.encode(text)) == text
+    assert tk.encode("<think>") == [tk.token_id("<think>")]
+
+
+def test_split_response():
+    assert ct.split_response("<think>\na;b\n</think>\n\n\\boxed{3}") == ("a;b", "\\boxed{3}", True)
+    assert ct.split_response("a;b\n</think>\n\nx") == ("a;b", "x", True)
+    assert ct.split_response("<think>\nloop loop") == ("loop loop", "", False)
+    assert ct.split_response("\\boxed{3}") == (None, "\\boxed{3}", False)
+    assert ct.format_response(None, "\\boxed{1}") == "<think>\n\n</think>\n\n\\boxed{1}"
