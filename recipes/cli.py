@@ -16,6 +16,15 @@ import sys
 # name -> (module, one-line help). A stage appears here when it lands.
 STAGES: dict[str, tuple[str, str]] = {
     "task": ("recipes.task_cli", "Show or export problems of the embedded arithmetic reasoning task."),
+    "curate": ("recipes.curate", "Curate a long chain-of-thought corpus with NeMo Curator (teacher, filters, dedup, decontam)."),
+    "teacher": ("recipes.teacher.cli", "Serve the embedded OpenAI-compatible teacher (R1-style traces, labelled defects)."),
+    "grpo": ("recipes.grpo", "GRPO / Dr.GRPO / DAPO with vLLM rollouts on the Megatron policy; rejection sampling."),
+    "convert": ("recipes.convert", "Convert checkpoints: HF -> Megatron, Megatron -> HF, random-init base."),
+    "eval": ("recipes.eval", "Evaluate reasoning on math benchmarks and the embedded task; grade files; compare runs."),
+    "bench": ("recipes.bench", "Benchmarks per stage, reported as ratios measured in one run."),
+    "launch": ("recipes.launch", "Run a stage or the whole pipeline through NeMo-Run (local, Slurm, Kubernetes)."),
+    "pipeline": ("recipes.pipeline", "Run the whole pipeline (curate, SFT, GRPO, eval, export) as one NeMo-Run experiment."),
+    "regress": ("recipes.regress", "Run the regression suite against golden metrics and write a pass/fail table."),
 }
 
 

@@ -1,0 +1,124 @@
+"""Stage 8a: write the corpus as chat-format JSONL and Parquet, and the rejected records with reasons.
+
+A corpus record: `messages` = [user, assistant] (what SFT trains on), `enable_thinking`, and its
+provenance: teacher, problem id, sample index, reference, difficulty and pass rate, and every
+filter's verdict and score.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+from nemo_curator.stages.base import ProcessingStage
+from nemo_curator.stages.resources import Resources
+from nemo_curator.tasks import DocumentBatch
+
+from curator_pipelines.records import log_stage, to_jsonable
+from recipes.chat_template import format_response
+
+CORPUS_JSONL = "curated.jsonl"
+CORPUS_PARQUET = "curated.parquet"
+REJECTED_JSONL = "rejected.jsonl"
+
+
+def filter_names(df: pd.DataFrame) -> list[str]:
+    return [c[2:-5] for c in df.columns if c.startswith("f_") and c.endswith("_pass")]
+
+
+def _filters(row: dict, names: list[str]) -> dict:
+    return {n: {"pass": to_jsonable(row.get(f"f_{n}_pass")), "score": to_jsonable(row.get(f"f_{n}_score")),
+                "reason": row.get(f"f_{n}_reason") or ""} for n in names}
+
+
+def corpus_record(row: dict, names: list[str]) -> dict:
+    think = bool(row.get("enable_thinking", True))
+    assistant = row["response"] if think else format_response(None, row["answer_part"])
+    rec = {
+        "id": row["record_id"],
+        "messages": [{"role": "user", "content": row["problem"]}, {"role": "assistant", "content": assistant}],
+        "enable_thinking": think,
+        "problem_id": row["problem_id"],
+        "sample_index": int(row["sample_index"]),
+        "teacher": row.get("teacher"),
+        "reference": row["reference"],
+        "predicted": row.get("predicted"),
+        "difficulty": row.get("difficulty"),
+        "pass_rate": to_jsonable(row.get("pass_rate")),
+        "n_tokens": to_jsonable(row.get("f_length_score")),
+        "source": row.get("source"),
+        "extra": json.loads(row["extra"]) if row.get("extra") else {},
+        "filters": _filters(row, names),
+    }
+    if row.get("teacher_label") is not None:
+        rec["teacher_label"] = row["teacher_label"]
+    return rec
+
+
+def rejected_record(row: dict, names: list[str]) -> dict:
+    return {
+        "id": row["record_id"],
+        "problem_id": row["problem_id"],
+        "sample_index": int(row["sample_index"]),
+        "dropped_by": row.get("dropped_by"),
+        "reason": row.get("drop_reason"),
+        "generation_error": row.get("gen_error"),
+        "teacher_label": row.get("teacher_label"),
+        "finish_reason": row.get("finish_reason"),
+        "problem": row["problem"],
+        "response": row.get("response"),
+        "filters": _filters(row, names),
+    }
+
+
+def write_outputs(df: pd.DataFrame, out_dir: Path, jsonl: bool = True, parquet: bool = True) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = filter_names(df)
+    rows = df.to_dict("records")
+    selected = sorted((r for r in rows if r["kept"]), key=lambda r: int(r["order"]))
+    corpus = [corpus_record(r, names) for r in selected]
+    rejected = [rejected_record(r, names) for r in rows if not r["kept"]]
+    written = []
+    if jsonl:
+        _write_jsonl(out_dir / CORPUS_JSONL, corpus)
+        written.append(CORPUS_JSONL)
+    if parquet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist([{**r, "extra": json.dumps(r["extra"]), "filters": json.dumps(r["filters"])}
+                                      for r in corpus])
+        pq.write_table(table, out_dir / CORPUS_PARQUET)
+        written.append(CORPUS_PARQUET)
+    _write_jsonl(out_dir / REJECTED_JSONL, rejected)
+    written.append(REJECTED_JSONL)
+    return {"corpus": len(corpus), "rejected": len(rejected), "files": written}
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # readers never see half a file
+
+
+class WriteStage(ProcessingStage[DocumentBatch, DocumentBatch]):
+    name = "write"
+    resources = Resources(cpus=1.0)
+
+    def __init__(self, out_dir: str, jsonl: bool = True, parquet: bool = True):
+        self.out_dir = out_dir
+        self.jsonl = jsonl
+        self.parquet = parquet
+
+    def process(self, task: DocumentBatch) -> DocumentBatch:
+        started = time.perf_counter()
+        df = task.to_pandas()
+        info = write_outputs(df, Path(self.out_dir), self.jsonl, self.parquet)
+        metadata = dict(task._metadata)
+        log_stage(metadata, self.name, info["corpus"], info["corpus"], None, time.perf_counter() - started,
+                  files=info["files"])
+        return DocumentBatch(dataset_name=task.dataset_name, data=df, _metadata=metadata)

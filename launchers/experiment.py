@@ -1,0 +1,216 @@
+"""One NeMo-Run Experiment per launch: stages as tasks, dependencies between them.
+
+`dryrun` renders what would be submitted (sbatch scripts, Kubernetes manifests, local commands)
+without submitting; `run` submits, waits (unless detached) and reports every stage's state, with
+the exit code and the end of the log of a stage that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launchers.entry import MARKER_DIR, clear_state
+from launchers.executors import StageTask, build_executor, build_script
+from launchers.profiles import K8sProfile, LocalProfile, Profile, nemorun_home
+
+LOG_TAIL_LINES = 40
+
+
+def use_nemorun_home(profile: Profile) -> str:
+    """Keep NeMo-Run's experiment store inside the run tree (never ~/.nemo_run).
+
+    Must run before `nemo_run` is first imported: some of its modules read the home at import.
+    """
+    home = nemorun_home(profile)
+    os.environ["NEMORUN_HOME"] = home
+    Path(home).mkdir(parents=True, exist_ok=True)
+    if "nemo_run" in sys.modules:
+        from nemo_run.config import set_nemorun_home
+
+        set_nemorun_home(home)
+    return home
+
+
+@dataclass
+class Rendered:
+    """What one stage would submit: an sbatch script, a manifest (YAML) or a command line."""
+
+    name: str
+    kind: str  # "sbatch" | "manifest" | "command"
+    text: str
+
+
+def _dependencies(tasks: list[StageTask]) -> dict[str, list[str]]:
+    """Task name -> names of the tasks whose output dirs it requires."""
+    by_dir = {t.stage_dir: t.name for t in tasks if t.stage_dir}
+    return {t.name: [by_dir[d] for d in t.requires if d in by_dir] for t in tasks}
+
+
+def build_experiment(title: str, tasks: list[StageTask], profile: Profile):
+    """A NeMo-Run Experiment with one task per stage and the dependencies between them."""
+    import nemo_run as run
+
+    deps = _dependencies(tasks)
+    exp = run.Experiment(title, log_level="WARN")
+    exp.__enter__()
+    handles: dict[str, str] = {}
+    for task in tasks:
+        executor = build_executor(task, profile)
+        handles[task.name] = exp.add(
+            build_script(task, profile), executor=executor, name=task.name, tail_logs=False,
+            dependencies=[handles[d] for d in deps[task.name]] or None,
+        )
+    return exp
+
+
+def dryrun(title: str, tasks: list[StageTask], profile: Profile) -> list[Rendered]:
+    """Render every stage without submitting anything."""
+    if isinstance(profile, K8sProfile):
+        from launchers import k8s
+
+        return [Rendered(t.name, "manifest", k8s.to_yaml(k8s.manifests_for([t], profile))) for t in tasks]
+
+    from nemo_run.run.torchx_backend.launcher import launch
+    from nemo_run.run.torchx_backend.schedulers.api import get_executor_str
+
+    exp = build_experiment(title, tasks, profile)
+    try:
+        exp._prepare(exist_ok=True)
+        out = []
+        for job in exp.jobs:
+            _, info = launch(executable=job._executable, executor_name=get_executor_str(job.executor),
+                             executor=job.executor, dryrun=True, runner=exp._runner)
+            request = info.request
+            if hasattr(request, "materialize"):
+                out.append(Rendered(job.id, "sbatch", request.materialize()))
+            else:
+                role = info.request.app.roles[0] if hasattr(info.request, "app") else None
+                text = shlex.join([role.entrypoint, *role.args]) if role else str(info)
+                out.append(Rendered(job.id, "command", text))
+        return out
+    finally:
+        _close(exp, delete=True)
+
+
+def _close(exp, delete: bool) -> None:
+    import shutil
+
+    exp._launched = False
+    exp.__exit__(None, None, None)
+    if delete:
+        shutil.rmtree(exp._exp_dir, ignore_errors=True)
+
+
+@dataclass
+class StageResult:
+    name: str
+    state: str
+    exit_code: int | None
+    log: str | None  # path of the stage's log, when found
+    log_tail: str
+
+
+def run(title: str, tasks: list[StageTask], profile: Profile, detach: bool = False) -> tuple[str, list[StageResult]]:
+    """Submit the experiment; unless detached, wait and return each stage's result."""
+    for task in tasks:  # a stale SUCCEEDED from an earlier run must not unblock a downstream stage
+        if task.stage_dir:
+            clear_state(task.stage_dir)
+    exp = build_experiment(title, tasks, profile)
+    exp_id = exp._id
+    try:
+        exp.run(detach=detach, tail_logs=False)
+        if not detach and not getattr(exp, "_waited", False):
+            exp._wait_for_jobs(jobs=exp.jobs)
+            exp._waited = True
+    finally:
+        exp._skip_status_at_exit = True
+        exp.__exit__(None, None, None)
+    if detach:
+        return exp_id, []
+    return exp_id, collect_results(exp, tasks)
+
+
+def collect_results(exp, tasks: list[StageTask]) -> list[StageResult]:
+    by_name = {t.name: t for t in tasks}
+    results = []
+    for job in exp.jobs:
+        state = getattr(job.state, "name", str(job.state))
+        task = by_name.get(job.id)
+        exit_code = None
+        marker_state = None
+        if task and task.stage_dir:
+            for name in ("FAILED", "SUCCEEDED"):
+                path = Path(task.stage_dir) / MARKER_DIR / name
+                if path.exists():
+                    marker_state = name
+                    exit_code = json.loads(path.read_text(encoding="utf-8")).get("exit_code")
+                    break
+        if state == "SUCCEEDED" and marker_state == "FAILED":
+            state = "FAILED"  # the job itself ended cleanly, the stage inside it did not
+        log = find_log(job.executor.job_dir)
+        tail = ""
+        if log and state != "SUCCEEDED":
+            lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+            tail = "\n".join(lines[-LOG_TAIL_LINES:])
+        results.append(StageResult(job.id, state, exit_code, log, tail))
+    return results
+
+
+def find_log(job_dir: str) -> str | None:
+    """The newest job log under a NeMo-Run job dir (Slurm `log-*.out`, local `combined.log`)."""
+    root = Path(job_dir)
+    if not root.exists():
+        return None
+    candidates = [p for pattern in ("**/log-*.out", "**/combined.log", "**/stdout.log", "**/*.out")
+                  for p in root.glob(pattern) if p.is_file()]
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def print_results(exp_id: str, results: list[StageResult], profile: Profile, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout, width=120)
+    table = Table("stage", "state", "exit code", "log", title=f"experiment {exp_id}")
+    for r in results:
+        table.add_row(r.name, r.state, "" if r.exit_code is None else str(r.exit_code), r.log or "")
+    console.print(table)
+    for r in results:
+        if r.state != "SUCCEEDED" and r.log_tail:
+            console.print(f"--- {r.name}: last lines of {r.log} ---", markup=False)
+            console.print(r.log_tail, markup=False, highlight=False)
+    home = nemorun_home(profile)
+    console.print(f"status/logs: NEMORUN_HOME={home} nemo experiment status {exp_id}  |  "
+                  f"nrr launch --status {exp_id} --executor {_profile_arg(profile)}", markup=False)
+
+
+def _profile_arg(profile: Profile) -> str:
+    return getattr(profile, "kind", "local")
+
+
+def experiment_status(exp_id: str) -> dict[str, Any]:
+    import nemo_run as run
+
+    exp = run.Experiment.from_id(exp_id)
+    return exp.status(return_dict=True) or {}
+
+
+def experiment_logs(exp_id: str, task: str | None) -> None:
+    import nemo_run as run
+
+    exp = run.Experiment.from_id(exp_id)
+    names = [task] if task else [job.id for job in exp.jobs]
+    for name in names:
+        exp.logs(job_id=name)
+
+
+def is_local(profile: Profile) -> bool:
+    return isinstance(profile, LocalProfile)

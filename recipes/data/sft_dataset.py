@@ -1,0 +1,335 @@
+"""Chat corpora (JSONL or Parquet) -> token examples with an assistant-only loss mask -> batches.
+
+A record is one conversation as the curation stage writes it: `messages` (a user turn and an
+assistant turn `<think>\\n...\\n</think>\\n\\n\\boxed{..}`, or the no-think form) plus provenance
+fields, which are kept out of the tokens. Conversations are rendered with the shared chat template
+and tokenized with the project tokenizer; the loss covers the assistant content and its closing
+`<|im_end|>`, nothing of the prompt or the role headers.
+
+Bad input never gets silently truncated: a record without `messages`, one longer than
+`seq_length`, or token ids the model cannot embed raise a `DataError` naming the file and line, or
+are counted and skipped when `on_bad_record: skip`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from recipes import chat_template as ct
+from recipes import tokenizer as tok
+from recipes.data.packing import Example, Row, collate, pack, pad
+
+
+class DataError(ValueError):
+    """A problem with a corpus record, naming the file and line (or Parquet row)."""
+
+
+@dataclasses.dataclass
+class TaskCorpusConfig:
+    """The embedded task's reference traces, used when no corpus path is given."""
+
+    levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
+    n_per_level: int = 4000
+    seed: int = 0
+    valid_per_level: int = 50  # taken from the train split with another seed, for validation loss
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train_path: str | None = None  # JSONL / Parquet file or a folder of them; None: the embedded task corpus
+    valid_path: str | None = None  # None: validation rows come from the embedded task (or none)
+    task: TaskCorpusConfig = dataclasses.field(default_factory=TaskCorpusConfig)
+    seq_length: int = 128
+    packing: bool = True  # first-fit-decreasing packing; false: one example per row, padded
+    think_ratio: float | None = None  # share of records trained in think form; the rest drop their thinking
+    on_bad_record: Literal["error", "skip"] = "error"
+    max_records: int | None = None  # read at most this many records per split (quick runs)
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in (".jsonl", ".parquet"))
+        if not files:
+            raise DataError(f"{p}: no .jsonl or .parquet files in this folder")
+        return files
+    if not p.exists():
+        raise DataError(f"{p}: corpus file not found")
+    if p.suffix not in (".jsonl", ".parquet", ".json"):
+        raise DataError(f"{p}: unsupported corpus format (expected .jsonl or .parquet)")
+    return [p]
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Yield (where, record) for every record: where is 'file:line' (JSONL) or 'file:row N' (Parquet)."""
+    for f in corpus_files(path):
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for i, rec in enumerate(pq.read_table(f).to_pylist()):
+                yield f"{f}:row {i + 1}", rec
+            continue
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{f}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"{f}:{lineno}", DataError(f"invalid JSON ({err.msg})")
+
+
+# ------------------------------------------------------------------------------ tokenizing
+
+
+def _check_messages(messages: object) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError("'messages' must be a non-empty list of {role, content}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"messages[{i}] must be a mapping with string 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("no assistant message: nothing to train on")
+    return messages
+
+
+def tokenize_conversation(messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, mask) of the rendered conversation; mask is 1 on assistant content and its <|im_end|>.
+
+    The shared template renders each message independently, so the text is cut at message
+    boundaries and, inside an assistant turn, after the role header and before the trailing newline.
+    """
+    text = ct.render(messages)
+    pieces: list[tuple[str, int]] = []
+    for m in messages:
+        seg = ct.render([m])
+        if m["role"] != "assistant":
+            pieces.append((seg, 0))
+            continue
+        header = f"{ct.IM_START}assistant\n"
+        body = m["content"] + ct.IM_END
+        if seg != header + body + "\n":
+            raise AssertionError("chat template layout changed: update tokenize_conversation")
+        pieces += [(header, 0), (body, 1), ("\n", 0)]
+    if "".join(p for p, _ in pieces) != text:
+        raise AssertionError("chat template does not render messages independently")
+    ids: list[int] = []
+    mask: list[int] = []
+    for piece, m in pieces:
+        piece_ids = tok.encode(piece)
+        ids += piece_ids
+        mask += [m] * len(piece_ids)
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.float32)
+
+
+def drop_thinking(messages: list[dict]) -> list[dict]:
+    """The no-think form of a conversation: assistant turns keep only their answer part."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            _, answer, _ = ct.split_response(m["content"])
+            m = {**m, "content": ct.format_response(None, answer)}
+        out.append(m)
+    return out
+
+
+def has_thinking(messages: list[dict]) -> bool:
+    for m in messages:
+        if m["role"] == "assistant":
+            thinking, _, _ = ct.split_response(m["content"])
+            if thinking:
+                return True
+    return False
+
+
+def to_example(messages: list[dict], seq_length: int, vocab_size: int, where: str) -> Example:
+    ids, mask = tokenize_conversation(messages)
+    n = len(ids) - 1  # inputs are ids[:-1], labels ids[1:]
+    if n > seq_length:
+        raise DataError(f"record has {n} tokens, longer than seq_length={seq_length} (raise data.seq_length "
+                        "or filter the corpus; records are never truncated)")
+    if ids.max() >= vocab_size:
+        raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab_size}: "
+                        "tokenizer/model mismatch")
+    if mask[1:].sum() == 0:
+        raise DataError("the assistant turn is empty: no tokens to train on")
+    return Example(ids[:-1].copy(), ids[1:].copy(), mask[1:].copy(), where)
+
+
+@dataclasses.dataclass
+class CorpusStats:
+    records: int = 0
+    examples: int = 0
+    think: int = 0
+    no_think: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _skip_reason(err: DataError) -> str:
+    text = str(err)
+    for key in ("messages", "longer than seq_length", "vocabulary", "invalid JSON", "assistant"):
+        if key in text:
+            return {"longer than seq_length": "too_long", "vocabulary": "vocab", "invalid JSON": "json",
+                    "messages": "messages", "assistant": "no_assistant"}[key]
+    return "other"
+
+
+def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int, seed: int = 0) -> tuple[list[Example], CorpusStats]:
+    """Read and tokenize a corpus. Bad records raise (naming file:line) or are counted and skipped."""
+    check_vocab(vocab_size)
+    stats = CorpusStats()
+    examples: list[Example] = []
+    for index, (where, rec) in enumerate(iter_records(path)):
+        if cfg.max_records is not None and stats.records >= cfg.max_records:
+            break
+        stats.records += 1
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            if not isinstance(rec, dict) or "messages" not in rec:
+                raise DataError("record has no 'messages' field (expected chat format: "
+                                "{'messages': [{'role': 'user', ...}, {'role': 'assistant', ...}], ...})")
+            messages = _check_messages(rec["messages"])
+            # the think/no-think mix: a per-record coin from (seed, index) keeps the choice stable
+            if cfg.think_ratio is not None and has_thinking(messages):
+                if random.Random(f"{seed}:think:{index}").random() >= cfg.think_ratio:
+                    messages = drop_thinking(messages)
+            example = to_example(messages, cfg.seq_length, vocab_size, where)
+        except DataError as err:
+            if cfg.on_bad_record == "error":
+                raise DataError(f"{where}: {err}") from None
+            reason = _skip_reason(err)
+            stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
+            continue
+        if has_thinking(messages):
+            stats.think += 1
+        else:
+            stats.no_think += 1
+        stats.examples += 1
+        stats.tokens += len(example)
+        stats.loss_tokens += int(example.loss_mask.sum())
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no usable records ({stats.records} read, skipped {stats.skipped})")
+    return examples, stats
+
+
+def check_vocab(model_vocab_size: int, hf_dir: str | Path | None = None) -> None:
+    """Fail clearly when the tokenizer cannot feed the model (a tokenizer/model mismatch)."""
+    if tok.vocab_size() > model_vocab_size:
+        raise DataError(f"the tokenizer has {tok.vocab_size()} tokens but the model's vocab_size is "
+                        f"{model_vocab_size}: tokenizer/model mismatch")
+    if hf_dir is not None and (Path(hf_dir) / "tokenizer.json").exists():
+        try:
+            tok.check_compatible(hf_dir)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+
+
+# ------------------------------------------------------------------------------ the embedded corpus
+
+
+def task_records(levels: list[int], n_per_level: int, seed: int, think: bool = True) -> list[dict]:
+    """Reference traces of the embedded task in the curation record format."""
+    from recipes import task
+
+    records = []
+    for p in task.train_problems(levels, n_per_level, seed=seed):
+        records.append({
+            "id": p.id, "level": p.level, "problem": p.question, "answer": p.answer,
+            "source": "task-reference", "teacher": "reference-solver",
+            "messages": [
+                {"role": "user", "content": p.question},
+                {"role": "assistant", "content": task.assistant_response(p, think=think)},
+            ],
+        })
+    return records
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    return path
+
+
+def write_task_corpus(cfg: TaskCorpusConfig, out_dir: str | Path) -> tuple[Path, Path | None]:
+    """Write train (and validation) JSONL corpora of the embedded task; returns their paths."""
+    out = Path(out_dir)
+    train = write_jsonl(task_records(cfg.levels, cfg.n_per_level, cfg.seed), out / "train.jsonl")
+    valid = None
+    if cfg.valid_per_level > 0:
+        # another seed of the train split: unseen problems, still disjoint from the held-out benchmark
+        valid_records = task_records(cfg.levels, cfg.valid_per_level, cfg.seed + 1_000_003)
+        train_ids = {json.loads(line)["id"] for line in train.read_text().splitlines()}
+        valid = write_jsonl([r for r in valid_records if r["id"] not in train_ids], out / "valid.jsonl")
+    return train, valid
+
+
+# ------------------------------------------------------------------------------ batches
+
+
+def build_rows(examples: list[Example], seq_length: int, packing: bool) -> list[Row]:
+    return (pack if packing else pad)(examples, seq_length, tok.pad_id())
+
+
+class RowSampler:
+    """Global batches of rows in a fixed order: epoch e is a permutation seeded by (seed, e).
+
+    Stateless by design: global batch k is a function of k alone, so resuming at step k replays the
+    exact data order of an uninterrupted run.
+    """
+
+    def __init__(self, rows: list[Row], global_batch_size: int, seed: int, shuffle: bool = True):
+        if not rows:
+            raise ValueError("no rows to sample from")
+        self.rows = rows
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            n = len(self.rows)
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                           else np.arange(n)}
+        return self._perms[epoch]
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return len(self.rows) / self.global_batch_size
+
+    def global_batch(self, k: int) -> list[Row]:
+        n = len(self.rows)
+        out = []
+        for pos in range(k * self.global_batch_size, (k + 1) * self.global_batch_size):
+            epoch, i = divmod(pos, n)
+            out.append(self.rows[self._order(epoch)[i]])
+        return out
+
+
+def micro_batches(rows: list[Row], micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> list[dict]:
+    """This data-parallel rank's share of a global batch, cut into collated micro batches."""
+    if len(rows) % (micro_batch_size * dp_size):
+        raise ValueError(f"global batch of {len(rows)} rows is not divisible by micro_batch_size*dp "
+                         f"({micro_batch_size}*{dp_size})")
+    per_rank = len(rows) // dp_size
+    mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    return [collate(mine[i : i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]

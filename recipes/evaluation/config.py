@@ -1,0 +1,56 @@
+"""Typed config of an evaluation run (`nemo_configs/eval/*.yaml`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from recipes.config import required
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    # math500 | aime24 | amc23 | gsm8k | minerva_math | olympiadbench | embedded | jsonl
+    name: str = required()
+    label: str | None = None  # the name in outputs and reports (default: name)
+    path: str | None = None  # a JSONL file: required for `jsonl`, replaces a built-in file otherwise
+    problem_field: str = "problem"  # `jsonl` only
+    answer_field: str = "answer"  # `jsonl` only
+    id_field: str | None = None  # `jsonl` only; the line number when unset
+    limit: int | None = None  # the first N problems
+    levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])  # embedded only
+    n_per_level: int = 20  # embedded only
+    instruction: str | None = None  # text after the problem in the user turn; None: the benchmark's default
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    backend: Literal["hf", "vllm", "openai"] = "vllm"
+    k: int = 1  # samples per problem
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    thinking: bool = True  # think / no-think mode of the chat template
+    system_prompt: str | None = None
+    batch_size: int = 64  # problems per generate call (and per resume checkpoint)
+    seed: int = 0
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
+    max_model_len: int | None = None  # vllm
+    # openai-compatible endpoint
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the name of the variable holding the key, never the key
+    max_concurrency: int = 8
+    request_timeout: float = 600.0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    # an HF model folder, a Megatron checkpoint (exported to HF on the fly) or, for `openai`, the served name
+    model: str = required()
+    benchmarks: list[BenchmarkConfig] = dataclasses.field(default_factory=list)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    output_dir: str = "outputs/eval/run"
+    run_name: str | None = None  # the name in reports (default: the output folder's name)
+    grade_timeout: float = 5.0  # seconds per answer on the math-verify path
+    report: bool = True  # write report.html next to summary.json
+    progress: bool = True

@@ -1,0 +1,217 @@
+"""An evaluation run: read benchmarks -> generate k samples per problem -> grade -> metrics -> report.
+
+Samples are appended to `<output_dir>/<benchmark>.jsonl` as each batch finishes; a rerun skips the
+(problem, sample) pairs already there, so an interrupted run resumes where it stopped.
+Record fields follow NeMo-Skills' names where they exist (`generation`, `expected_answer`,
+`predicted_answer`, `is_correct`, `num_generated_tokens`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from recipes import grader
+from recipes.chat_template import render_prompt, split_response
+from recipes.config import save_config
+from recipes.evaluation import backends as B
+from recipes.evaluation.benchmarks import default_instruction, load_benchmark
+from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig
+from recipes.evaluation.metrics import reflection_count, summarize
+
+
+# ------------------------------------------------------------------------------ model and backend
+
+
+def resolve_model(model: str, output_dir: Path) -> str:
+    """An HF folder as is; a Megatron checkpoint is exported to `<output_dir>/hf_model` first."""
+    path = Path(model)
+    if (path / "config.json").exists():
+        return str(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {model} (an HF folder with config.json or a Megatron checkpoint)")
+    out = output_dir / "hf_model"
+    if not (out / "config.json").exists():
+        try:
+            from recipes.convert import export_to_hf
+        except ImportError as err:
+            raise RuntimeError(f"{model} is not an HF folder and the Megatron exporter is unavailable: {err}") from None
+        export_to_hf(str(path), str(out))
+    return str(out)
+
+
+def make_backend(cfg: EvalConfig, model_dir: str):
+    g = cfg.generation
+    if g.backend == "hf":
+        return B.HFBackend(model_dir, dtype=g.dtype, batch_size=max(g.batch_size, g.k))
+    if g.backend == "vllm":
+        return B.VLLMBackend(model_dir, dtype=g.dtype, max_model_len=g.max_model_len, seed=g.seed)
+    if g.backend == "openai":
+        if not g.base_url:
+            raise ValueError("generation.base_url is required for the openai backend")
+        tok_dir = cfg.model if Path(cfg.model).is_dir() else None
+        return B.OpenAIBackend(g.base_url, cfg.model, g.api_key_env, g.max_concurrency, g.request_timeout, tok_dir)
+    raise ValueError(f"unknown backend '{g.backend}'")
+
+
+# ------------------------------------------------------------------------------ records
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a samples file; a torn last line (a killed run) is ignored."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (a killed run) so appended records start on a line of their own."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
+def build_record(problem: dict, sample_idx: int, comp: B.Completion, g: GenerationConfig, count_tokens,
+                 grade_timeout: float) -> dict:
+    result = grader.grade_response(comp.text, problem["answer"], timeout=grade_timeout)
+    thinking, _, closed = split_response(comp.text)
+    if thinking:
+        n = count_tokens(thinking)
+        if n is None:  # no tokenizer (a remote endpoint): share the count by characters
+            n = round(comp.num_tokens * len(thinking) / max(1, len(comp.text)))
+        thinking_tokens = min(n, comp.num_tokens)
+    else:
+        thinking_tokens = 0
+    rec = {
+        "id": problem["id"],
+        "benchmark": problem["benchmark"],
+        "sample_idx": sample_idx,
+        "problem": problem["problem"],
+        "expected_answer": problem["answer"],
+        "generation": comp.text,
+        "predicted_answer": result.predicted,
+        "is_correct": result.correct,
+        "grade_method": result.method,
+        "num_generated_tokens": comp.num_tokens,
+        "thinking_tokens": thinking_tokens,
+        "answer_tokens": comp.num_tokens - thinking_tokens,
+        "finish_reason": comp.finish_reason,
+        "truncated": comp.finish_reason == "length",
+        "format_ok": result.predicted is not None and (closed or not g.thinking),
+        "reflection_markers": reflection_count(thinking if thinking is not None else comp.text),
+    }
+    if problem.get("level") is not None:
+        rec["level"] = problem["level"]
+    return rec
+
+
+def _prompt(problem: dict, bench: BenchmarkConfig, g: GenerationConfig) -> str:
+    instruction = bench.instruction if bench.instruction is not None else default_instruction(bench.name)
+    return render_prompt(problem["problem"] + instruction, enable_thinking=g.thinking, system=g.system_prompt)
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _label(bench: BenchmarkConfig) -> str:
+    if bench.label:
+        return bench.label
+    return Path(bench.path).stem if bench.name == "jsonl" and bench.path else bench.name
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate cfg.model on every benchmark; write samples, summary.json and report.html."""
+    from recipes.metrics import progress
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    g = cfg.generation
+    params = B.SamplingParams(n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=g.seed)
+    if not cfg.benchmarks:
+        raise ValueError("no benchmarks configured (benchmarks: [{name: math500, limit: 50}, ...])")
+    labels = [_label(b) for b in cfg.benchmarks]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"benchmark labels must be distinct, got {labels}: set `label` on repeated ones")
+
+    backend = None
+    model_dir = None
+    summary: dict = {"run": cfg.run_name or out.name, "model": cfg.model, "backend": g.backend, "k": g.k,
+                     "temperature": g.temperature, "thinking": g.thinking, "benchmarks": {}}
+    started = time.monotonic()
+    try:
+        for bench, label in zip(cfg.benchmarks, labels):
+            problems = load_benchmark(dataclasses.replace(bench, label=label))
+            path = out / f"{label}.jsonl"
+            drop_torn_tail(path)
+            done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}
+            pending = [p for p in problems if any((p["id"], i) not in done for i in range(g.k))]
+            if pending and backend is None:
+                model_dir = model_dir or (cfg.model if g.backend == "openai" else resolve_model(cfg.model, out))
+                backend = make_backend(cfg, model_dir)
+            with progress(disable=not cfg.progress) as bar, path.open("a", encoding="utf-8") as f:
+                task = bar.add_task(label, total=len(problems), completed=len(problems) - len(pending), info="")
+                for start in range(0, len(pending), g.batch_size):
+                    chunk = pending[start : start + g.batch_size]
+                    outputs = backend.generate([_prompt(p, bench, g) for p in chunk], params)
+                    for problem, comps in zip(chunk, outputs):
+                        for i, comp in enumerate(comps):
+                            if (problem["id"], i) in done:
+                                continue
+                            rec = build_record(problem, i, comp, g, backend.count_tokens, cfg.grade_timeout)
+                            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.flush()
+                    bar.update(task, advance=len(chunk))
+            ids = {p["id"] for p in problems}
+            records = [r for r in read_records(path) if str(r["id"]) in ids and r["sample_idx"] < g.k]
+            summary["benchmarks"][label] = summarize(records)
+    finally:
+        if backend is not None:
+            backend.close()
+    summary["seconds"] = round(time.monotonic() - started, 2)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if cfg.report:
+        from recipes.evaluation.report import write_report
+
+        write_report([out], out / "report.html")
+    return summary
+
+
+def evaluate_model(model_path_or_hf_dir: str, benchmark: str = "embedded", levels: list[int] | None = None,
+                   n_per_level: int = 20, k: int = 1, temperature: float = 0.0, backend: str = "vllm",
+                   out_dir: str | None = None, max_tokens: int = 256, thinking: bool = True,
+                   limit: int | None = None, batch_size: int = 64, report: bool = False) -> dict:
+    """Evaluate one model on one benchmark; the summary of that benchmark, with `accuracy` (pass@1)
+    and, for the embedded task, `accuracy_by_level`."""
+    import tempfile
+
+    out_dir = out_dir or tempfile.mkdtemp(prefix="nrr-eval-")
+    cfg = EvalConfig(
+        model=str(model_path_or_hf_dir),
+        benchmarks=[BenchmarkConfig(name=benchmark, levels=list(levels or [1, 2, 3]), n_per_level=n_per_level,
+                                    limit=limit)],
+        generation=GenerationConfig(backend=backend, k=k, temperature=temperature, max_tokens=max_tokens,
+                                    thinking=thinking, batch_size=batch_size),
+        output_dir=str(out_dir),
+        report=report,
+        progress=False,
+    )
+    summary = run_eval(cfg)
+    bench = summary["benchmarks"][_label(cfg.benchmarks[0])]
+    result = {"benchmark": benchmark, "output_dir": str(out_dir), "accuracy": bench.get("pass@1", 0.0), **bench}
+    if "by_level" in bench:
+        result["accuracy_by_level"] = {lvl: m["pass@1"] for lvl, m in bench["by_level"].items()}
+    return result

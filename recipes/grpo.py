@@ -1,0 +1,465 @@
+"""GRPO (and the Dr.GRPO / DAPO variants) on megatron-core with vLLM rollouts.
+
+    nrr grpo --config nemo_configs/grpo/tiny_cpu.yaml loss.variant=dapo parallel.tp=2
+    nrr grpo rejection-sample --config nemo_configs/grpo/tiny_cpu.yaml
+
+One step: sample prompts -> the rollout engine generates G responses per prompt -> rewards ->
+group-relative advantages -> (DAPO: drop all-equal groups, refill) -> behaviour (and reference)
+log-probs recomputed by the trainer -> several clipped policy-gradient updates -> refit the new
+weights into the engine in memory -> log, checkpoint. The engine lives on rank 0; the other ranks
+(TP/PP/DP as in SFT) receive the rollouts by broadcast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from recipes import chat_template as ct
+from recipes import task
+from recipes import tokenizer as tok
+from recipes.config import ConfigError, load_config, save_config
+from recipes.rl.advantages import group_advantages, informative_groups
+from recipes.rl.losses import LossConfig, entropy_from_logits, policy_loss
+from recipes.rl.rewards import RewardsConfig, Sample, check_weights, score
+from recipes.rl.rollout import RolloutConfig
+from recipes.sft import (CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, TrainingConfig, resolve_path,
+                         rng_state, set_rng_state)
+
+HELP = "GRPO / Dr.GRPO / DAPO with vLLM rollouts on the Megatron policy (or `grpo rejection-sample`)."
+DEFAULT_CONFIG = "nemo_configs/grpo/tiny_cpu.yaml"
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclasses.dataclass
+class PromptsConfig:
+    levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3])  # where the SFT policy sometimes succeeds
+    level_weights: list[float] | None = None  # mix of levels (default: uniform)
+    pool_per_level: int = 2000  # train-split problems per level to sample from
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class GRPOSettings:
+    steps: int = 20
+    prompts_per_step: int = 8
+    group_size: int = 8  # G responses per prompt
+    minibatches: int = 2  # optimizer steps per pass over the batch
+    epochs: int = 1  # passes over each batch (updates per batch = minibatches * epochs)
+    micro_batch_size: int = 16
+    std_normalize: bool = True  # GRPO/DAPO: A = (r - mean) / std; Dr.GRPO: A = r - mean
+    dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill
+    max_refill_rounds: int = 4
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: only before and after training
+    levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3])
+    per_level: int = 100  # held-out problems per level, greedy
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    run_dir: str = "runs/grpo"
+    mode: str = "train"  # train | rejection_sample
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=lambda: TrainingConfig(
+        global_batch_size=None, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, max_steps=None))
+    grpo: GRPOSettings = dataclasses.field(default_factory=GRPOSettings)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
+    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=0))
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    rejection: dict = dataclasses.field(default_factory=lambda: {"samples_per_problem": 8, "problems_per_level": 50,
+                                                                  "out": None})
+
+
+def world_size(cfg: GRPOConfig) -> int:
+    return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+
+
+def check_config(cfg: GRPOConfig) -> None:
+    g = cfg.grpo
+    rows = g.prompts_per_step * g.group_size
+    per_update = rows // max(g.minibatches, 1)
+    if rows % g.minibatches or per_update % (g.micro_batch_size * cfg.parallel.dp):
+        raise ConfigError(f"grpo: prompts_per_step*group_size={rows} rows must split into minibatches={g.minibatches} "
+                          f"of a multiple of micro_batch_size*dp={g.micro_batch_size}*{cfg.parallel.dp}")
+    if g.group_size < 2:
+        raise ConfigError("grpo.group_size must be >= 2 (advantages are relative to the group)")
+    if cfg.prompts.level_weights is not None and len(cfg.prompts.level_weights) != len(cfg.prompts.levels):
+        raise ConfigError("prompts.level_weights must have one weight per entry of prompts.levels")
+    if cfg.loss.variant == "dr_grpo" and cfg.loss.max_response_tokens != cfg.rollout.max_tokens:
+        raise ConfigError(f"loss.max_response_tokens={cfg.loss.max_response_tokens} should equal rollout.max_tokens="
+                          f"{cfg.rollout.max_tokens} (Dr.GRPO's constant normaliser is the generation budget)")
+    try:
+        check_weights(cfg.rewards)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+# ------------------------------------------------------------------------------ prompts and rollouts
+
+
+def prompt_ids(problem: task.Problem) -> list[int]:
+    return tok.encode(ct.render_prompt(problem.question))
+
+
+class PromptSampler:
+    """Prompts for (step, refill round) as a pure function of the seed: resuming at step k replays step k."""
+
+    def __init__(self, cfg: PromptsConfig):
+        self.cfg = cfg
+        self.pools = {lvl: task.generate(lvl, cfg.pool_per_level, seed=cfg.seed) for lvl in cfg.levels}
+
+    def batch(self, step: int, n: int, round_: int = 0) -> list[task.Problem]:
+        rng = random.Random(f"{self.cfg.seed}:{step}:{round_}")
+        levels = rng.choices(self.cfg.levels, weights=self.cfg.level_weights, k=n)
+        return [rng.choice(self.pools[lvl]) for lvl in levels]
+
+
+@dataclasses.dataclass
+class Group:
+    problem: dict
+    prompt: list[int]
+    responses: list[list[int]]
+    truncated: list[bool]
+    rewards: list[float]
+    parts: dict[str, list[float]]
+
+
+def rollout_groups(backend, problems: list[task.Problem], cfg: GRPOConfig, seed: int) -> list[Group]:
+    """G sampled responses per problem, scored by the weighted rewards."""
+    prompts = [prompt_ids(p) for p in problems]
+    outs = backend.generate(prompts, n=cfg.grpo.group_size, seed=seed)
+    groups = []
+    for p, prompt, completions in zip(problems, prompts, outs):
+        samples = [Sample(c.text, p.answer, len(c.token_ids), c.truncated) for c in completions]
+        rewards, parts = score(samples, cfg.rewards)
+        groups.append(Group(p.to_dict(), prompt, [c.token_ids for c in completions],
+                            [c.truncated for c in completions], rewards, parts))
+    return groups
+
+
+def sample_step(backend, sampler: PromptSampler, cfg: GRPOConfig, step: int) -> tuple[list[Group], dict]:
+    """One step's groups; with dynamic sampling, all-equal groups are dropped and more prompts drawn."""
+    g = cfg.grpo
+    kept: list[Group] = []
+    seen: list[Group] = []
+    for round_ in range(g.max_refill_rounds + 1 if g.dynamic_sampling else 1):
+        problems = sampler.batch(step, g.prompts_per_step, round_)
+        groups = rollout_groups(backend, problems, cfg, seed=cfg.training.seed * 100_003 + step * 101 + round_)
+        seen += groups
+        if not g.dynamic_sampling:
+            kept = groups
+            break
+        mask = informative_groups(torch.tensor([gr.rewards for gr in groups])).tolist()
+        kept += [gr for gr, keep in zip(groups, mask) if keep]
+        if len(kept) >= g.prompts_per_step:
+            break
+    if g.dynamic_sampling and len(kept) < g.prompts_per_step:  # not enough signal: top up with the last groups
+        kept += [gr for gr in seen if gr not in kept][: g.prompts_per_step - len(kept)]
+    stats = {"groups_sampled": len(seen), "groups_informative": int(informative_groups(
+        torch.tensor([gr.rewards for gr in seen])).sum())}
+    return kept[: g.prompts_per_step], stats
+
+
+# ------------------------------------------------------------------------------ batch and loss
+
+
+def build_batch(groups: list[Group], std_normalize: bool) -> dict[str, torch.Tensor]:
+    """Rows prompt+response padded to one length; loss_mask marks positions whose next token is a response token."""
+    adv = group_advantages(torch.tensor([gr.rewards for gr in groups], dtype=torch.float32), std_normalize)
+    rows = [(gr.prompt, resp) for gr in groups for resp in gr.responses]
+    s = max(len(p) + len(r) for p, r in rows)
+    s = (s + 7) // 8 * 8
+    tokens = torch.full((len(rows), s), tok.pad_id(), dtype=torch.long)
+    mask = torch.zeros(len(rows), s)
+    for i, (p, r) in enumerate(rows):
+        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+    labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "adv": adv.reshape(-1),
+            "position_ids": torch.arange(s).expand(len(rows), s).contiguous()}
+
+
+def make_loss_fn(cfg: LossConfig, stats: list):
+    """The megatron `loss_fn(logits, batch) -> (loss_sum, denominator)` of the chosen variant."""
+    from recipes.megatron import train_step
+
+    def loss_fn(logits, batch):
+        logp = train_step.vocab_parallel_log_probs(logits, batch["labels"])
+        loss_sum, denom, st = policy_loss(logp, batch["old_logp"], batch["adv"], batch["loss_mask"], cfg,
+                                          batch.get("ref_logp"))
+        with torch.no_grad():
+            shard_logp = train_step.vocab_parallel_log_softmax(logits.detach())
+            ent = -train_step.tp_sum((shard_logp.exp() * shard_logp).sum(-1))
+            st["entropy_sum"] = float((ent * batch["loss_mask"]).sum())
+        stats.append(st)
+        return loss_sum, denom
+
+    return loss_fn
+
+
+def split_rows(batch: dict, rows: list[int], mbs: int) -> list[dict]:
+    return [{k: v[rows[i:i + mbs]] for k, v in batch.items()} for i in range(0, len(rows), mbs)]
+
+
+def full_logprobs(chunks, tokens: torch.Tensor, mbs: int) -> torch.Tensor:
+    """[B, S] log p(labels) aligned with `labels` (the last column, a padding label, is 0)."""
+    from recipes.megatron import train_step
+
+    lp = train_step.logprobs_of(chunks, tokens, micro_batch_size=mbs)
+    return torch.cat([lp, torch.zeros(lp.shape[0], 1)], dim=1)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def heldout_accuracy(backend, levels: list[int], per_level: int, max_tokens: int) -> dict[str, float]:
+    """Greedy accuracy per level on the fixed held-out split (rank 0, through the rollout engine)."""
+    from recipes.grader import grade_response
+
+    out = {}
+    for lvl in levels:
+        problems = task.heldout_problems([lvl], per_level)
+        comps = backend.generate([prompt_ids(p) for p in problems], n=1, seed=0, max_tokens=max_tokens,
+                                 temperature=0.0)
+        correct = [grade_response(ct.split_response(c[0].text)[1], p.answer).correct for p, c in zip(problems, comps)]
+        out[f"L{lvl}"] = sum(correct) / len(correct)
+    out["mean"] = sum(out.values()) / len(levels)
+    return out
+
+
+def plot_reward_curve(run_dir: Path) -> Path | None:
+    from recipes.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if "reward/mean" in r]
+    if not train_rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train_rows], [r["reward/mean"] for r in train_rows], label="reward (train batch)")
+    ax.plot([r["step"] for r in train_rows], [r["accuracy"] for r in train_rows], label="accuracy (train batch)")
+    evals = [r for r in rows if "eval/mean" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval/mean"] for r in evals], "o-", label="held-out accuracy (greedy)")
+    ax.set_xlabel("GRPO step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = run_dir / "report" / "reward_curve.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: GRPOConfig) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from recipes.convert import load_pretrained
+    from recipes.megatron import checkpointing, providers, runtime, train_step
+    from recipes.metrics import MetricsLogger, progress
+    from recipes.rl.refit import refit, write_engine_dir
+    from recipes.rl.rollout import make_backend
+    from recipes.sft import build_model_and_optimizer
+
+    check_config(cfg)
+    g = cfg.grpo
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.training.seed)
+    rank0 = runtime.rank() == 0
+    run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    updates = g.steps * g.minibatches * g.epochs
+    hf, chunks, optimizer, scheduler = build_model_and_optimizer(cfg, updates)
+    ref_chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, ddp=False) if cfg.loss.kl_coef > 0 \
+        else None
+    if cfg.model.init_checkpoint:
+        for c in [chunks] + ([ref_chunks] if ref_chunks else []):
+            load_pretrained(c, resolve_path(cfg.model.init_checkpoint))
+    start = 0
+    if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
+        start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
+        set_rng_state(extra["rng"])
+        runtime.print_rank0(f"[grpo] resumed from {ckpt_dir} at step {start}")
+    if rank0:
+        save_config(cfg, run_dir / "config.yaml")
+        engine_dir = write_engine_dir(hf, run_dir / "engine")
+    backend = make_backend(cfg.rollout, engine_dir, max_model_len=int(hf.get("max_position_embeddings", 512)),
+                           seed=cfg.training.seed, in_process=runtime.world_size() == 1) if rank0 else None
+    refit(backend, chunks, hf)
+
+    sampler = PromptSampler(cfg.prompts)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, enabled=rank0)
+    summary: dict = {"start_step": start}
+    if rank0 and start == 0:
+        summary["eval_before"] = heldout_accuracy(backend, cfg.eval.levels, cfg.eval.per_level, cfg.rollout.max_tokens)
+        logger.log(0, summary["eval_before"], prefix="eval/")
+    t_run = time.time()
+    with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
+        bar_task = bar.add_task("grpo", total=g.steps, completed=start, info="")
+        for step in range(start, g.steps):
+            # 1. rollouts on rank 0, shared with every rank
+            t0 = time.time()
+            box = [sample_step(backend, sampler, cfg, step) if rank0 else None]
+            if runtime.world_size() > 1:
+                torch.distributed.broadcast_object_list(box, src=0)
+            groups, sample_stats = box[0]
+            t_gen = time.time() - t0
+
+            # 2. behaviour (and reference) log-probs, recomputed by the trainer
+            t0 = time.time()
+            batch = build_batch(groups, g.std_normalize)
+            batch["old_logp"] = full_logprobs(chunks, batch["tokens"], g.micro_batch_size)
+            if ref_chunks is not None:
+                batch["ref_logp"] = full_logprobs(ref_chunks, batch["tokens"], g.micro_batch_size)
+
+            # 3. several clipped updates: minibatches x epochs, each split over DP ranks and micro-batches
+            loss_stats: list = []
+            loss_fn = make_loss_fn(cfg.loss, loss_stats)
+            n, s = batch["tokens"].shape
+            per_update = n // g.minibatches
+            reports = []
+            for epoch in range(g.epochs):
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(step * 1000 + epoch)).tolist()
+                for k in range(g.minibatches):
+                    rows = order[k * per_update:(k + 1) * per_update]
+                    mine = rows[dp_rank::dp]
+                    reports.append(train_step.optimizer_step(chunks, optimizer, split_rows(batch, mine,
+                                                             g.micro_batch_size), s, scheduler, loss_fn))
+            t_train = time.time() - t0
+
+            # 4. new weights into the rollout engine
+            t_refit = refit(backend, chunks, hf)
+
+            done = step + 1
+            metrics = step_metrics(groups, batch, loss_stats, reports, sample_stats)
+            metrics.update(gen_seconds=t_gen, train_seconds=t_train, refit_seconds=t_refit,
+                           step_seconds=t_gen + t_train + t_refit)
+            logger.log(done, metrics)
+            bar.update(bar_task, completed=done, info=f"reward {metrics['reward/mean']:.3f} "
+                                                     f"acc {metrics['accuracy']:.2f}")
+            if rank0 and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < g.steps:
+                logger.log(done, heldout_accuracy(backend, cfg.eval.levels, cfg.eval.per_level,
+                                                  cfg.rollout.max_tokens), prefix="eval/")
+            if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < g.steps:
+                checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
+                                              extra={"rng": rng_state(), "prompt_step": done},
+                                              keep_last=cfg.checkpoint.keep_last)
+    summary["train_seconds"] = round(time.time() - t_run, 1)
+    checkpointing.save_checkpoint(ckpt_dir, g.steps, chunks, optimizer, scheduler,
+                                  extra={"rng": rng_state(), "prompt_step": g.steps}, keep_last=cfg.checkpoint.keep_last)
+    if rank0:
+        summary["eval_after"] = heldout_accuracy(backend, cfg.eval.levels, cfg.eval.per_level, cfg.rollout.max_tokens)
+        logger.log(g.steps, summary["eval_after"], prefix="eval/")
+        logger.close()
+        summary["reward_curve"] = str(plot_reward_curve(run_dir))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        runtime.print_rank0(f"[grpo] done: {g.steps} steps in {summary['train_seconds']} s; held-out "
+                            f"{summary.get('eval_before')} -> {summary['eval_after']}; run dir {run_dir}")
+        backend.close()
+    return summary
+
+
+def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: list, sample_stats: dict) -> dict:
+    rewards = torch.tensor([r for gr in groups for r in gr.rewards])
+    lengths = torch.tensor([float(len(r)) for gr in groups for r in gr.responses])
+    truncated = torch.tensor([float(t) for gr in groups for t in gr.truncated])
+    tokens = sum(st["tokens"] for st in loss_stats) or 1.0
+    m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+         "response_len/mean": float(lengths.mean()), "response_len/clipped_share": float(truncated.mean()),
+         "clip_fraction": sum(st["clipped_tokens"] for st in loss_stats) / tokens,
+         "kl": sum(st["kl_sum"] for st in loss_stats) / tokens,
+         "entropy": sum(st["entropy_sum"] for st in loss_stats) / tokens,
+         "loss": sum(r["loss"] for r in reports) / len(reports),
+         "grad_norm": sum(r["grad_norm"] for r in reports) / len(reports), "lr": reports[-1]["lr"],
+         "advantage/abs_mean": float(batch["adv"].abs().mean()), **sample_stats}
+    for name in groups[0].parts:
+        vals = torch.tensor([v for gr in groups for v in gr.parts[name]])
+        m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = float(vals.mean()), float(vals.std())
+    if "accuracy" in groups[0].parts:
+        m["accuracy"] = m["reward/accuracy/mean"]
+    else:
+        from recipes.grader import grade_response
+
+        m["accuracy"] = sum(grade_response(ct.split_response(tok.decode(r, skip_special_tokens=True))[1],
+                                           gr.problem["answer"]).correct for gr in groups for r in gr.responses) \
+            / len(rewards)
+    return m
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def add_arguments(parser) -> None:
+    from recipes.cli import add_config_arguments
+
+    # `nrr grpo rejection-sample [...]` is the same as `nrr grpo mode=rejection_sample [...]`
+    add_config_arguments(parser, DEFAULT_CONFIG)
+
+
+def cli(args) -> int:
+    import os
+
+    from recipes.sft import launch
+
+    overrides = list(args.overrides)
+    if overrides[:1] == ["rejection-sample"]:
+        overrides = overrides[1:] + ["mode=rejection_sample"]
+    cfg = load_config(GRPOConfig, resolve_path(args.config) if args.config else None, overrides)
+    check_config(cfg)
+    if cfg.mode == "rejection_sample":
+        from recipes.rl.rejection_sampling import run as rejection_sample
+
+        rejection_sample(cfg)
+        return 0
+    if cfg.mode != "train":
+        raise ConfigError(f"mode must be 'train' or 'rejection_sample', got {cfg.mode!r}")
+    if world_size(cfg) > 1 and "RANK" not in os.environ:
+        return launch("recipes.grpo", world_size(cfg), cfg.parallel.nodes, args.config, overrides)
+    train(cfg)
+    return 0
+
+
+def _main() -> int:
+    import argparse
+
+    from recipes.megatron import runtime
+
+    parser = argparse.ArgumentParser(prog="recipes.grpo", description=HELP)
+    add_arguments(parser)
+    try:
+        return cli(parser.parse_args())
+    except ConfigError as err:
+        print(f"grpo: config error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        runtime.destroy_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,242 @@
+"""Logit knowledge distillation on megatron-core: a frozen teacher's token distributions guide the student.
+
+    nrr kd --config nemo_configs/kd/tiny_cpu.yaml kd.kind=reverse kd.top_k=16
+
+Same data, optimizer, schedule, checkpoints and export as `recipes.sft` (imported, not copied); only
+the loss differs. Per loss token, with temperature T, p = softmax(teacher / T), q = softmax(student / T):
+
+    forward KL  = sum_v p_v (log p_v - log q_v)      (mode covering: the student spreads over the teacher's support)
+    reverse KL  = sum_v q_v (log q_v - log p_v)      (mode seeking)
+    mix         = alpha * forward + (1 - alpha) * reverse
+    top_k = k   : both distributions restricted to the teacher's k most likely tokens and renormalised there
+
+The KD term is scaled by T^2 (so its gradients keep their size as T changes) and mixed with the SFT
+cross-entropy: loss = (1 - kd_weight) * CE + kd_weight * T^2 * KL, a token mean over the global batch.
+Teacher and student share the tokenizer and (padded) vocabulary; with TP the full-vocab sums run on
+vocab shards (no gather) unless top_k needs the whole row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Literal
+
+import torch
+
+from recipes.config import ConfigError, load_config
+from recipes.sft import SFTConfig, check_config, launch, resolve_path, train, world_size
+
+HELP = "Logit knowledge distillation (forward/reverse KL, top-k, temperature) from a teacher checkpoint."
+DEFAULT_CONFIG = "nemo_configs/kd/tiny_cpu.yaml"
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    hf_config: str = "recipes/assets/models/tiny-qwen2/config.json"
+    checkpoint: str | None = None  # the teacher's Megatron checkpoint or HF folder (required)
+
+
+@dataclasses.dataclass
+class KDLossConfig:
+    kind: Literal["forward", "reverse", "mix"] = "forward"
+    alpha: float = 0.5  # weight of the forward KL in "mix"
+    temperature: float = 1.0
+    top_k: int | None = None  # restrict both distributions to the teacher's top-k tokens
+    kd_weight: float = 0.5  # loss = (1 - kd_weight) * CE + kd_weight * T^2 * KL
+
+
+@dataclasses.dataclass
+class KDConfig(SFTConfig):
+    run_dir: str = "runs/kd"
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    kd: KDLossConfig = dataclasses.field(default_factory=KDLossConfig)
+
+
+# ------------------------------------------------------------------------------ the loss
+
+
+def _tp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward",
+                  alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """Per-token divergence [..] (already times T^2) between teacher and student logits [.., V] (or vocab
+    shards [.., V/TP] under tensor parallelism)."""
+    from recipes.megatron import train_step
+
+    s = student_logits.float() / temperature
+    t = teacher_logits.detach().float() / temperature
+    tp = _tp_size()
+    if top_k is not None:
+        if tp > 1:
+            s, t = train_step.gather_logits(s), train_step.gather_logits(t)
+        idx = t.topk(top_k, dim=-1).indices
+        log_q = torch.log_softmax(s.gather(-1, idx), dim=-1)
+        log_p = torch.log_softmax(t.gather(-1, idx), dim=-1)
+        reduce = lambda x: x  # noqa: E731  (the k entries are whole on every rank)
+    elif tp > 1:
+        log_q, log_p = train_step.vocab_parallel_log_softmax(s), train_step.vocab_parallel_log_softmax(t)
+        reduce = train_step.tp_sum
+    else:
+        log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+        reduce = lambda x: x  # noqa: E731
+    if kind == "forward":
+        kl = reduce((log_p.exp() * (log_p - log_q)).sum(-1))
+    elif kind == "reverse":
+        kl = reduce((log_q.exp() * (log_q - log_p)).sum(-1))
+    elif kind == "mix":
+        fwd = reduce((log_p.exp() * (log_p - log_q)).sum(-1))
+        rev = reduce((log_q.exp() * (log_q - log_p)).sum(-1))
+        kl = alpha * fwd + (1.0 - alpha) * rev
+    else:
+        raise ValueError(f"kd.kind must be forward, reverse or mix, got {kind!r}")
+    return kl * temperature**2
+
+
+class KDLoss:
+    """`loss_fn(logits, batch)` for `train_step`: CE and KD mixed, summed over loss tokens; keeps step stats."""
+
+    def __init__(self, cfg: KDLossConfig):
+        self.cfg = cfg
+        self._sums = torch.zeros(3, dtype=torch.float64)  # ce, kd, tokens
+
+    def __call__(self, logits: torch.Tensor, batch: dict):
+        from recipes.megatron import train_step
+
+        mask = batch["loss_mask"].float()
+        labels = batch["labels"]
+        if _tp_size() > 1:
+            ce = -train_step.vocab_parallel_log_probs(logits, labels)
+        else:
+            ce = -torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None])[..., 0]
+        kd = kd_divergence(logits, batch["teacher_logits"], self.cfg.kind, self.cfg.alpha, self.cfg.temperature,
+                           self.cfg.top_k)
+        w = self.cfg.kd_weight
+        loss_sum = ((1.0 - w) * ce * mask + w * kd * mask).sum()
+        self._sums += torch.stack([(ce * mask).sum(), (kd * mask).sum(), mask.sum()]).detach().double().cpu()
+        return loss_sum, mask.sum()
+
+    def step_metrics(self) -> dict:
+        """Mean CE and KD per loss token on this rank since the last call (the last PP stage logs them)."""
+        ce, kd, n = (float(x) for x in self._sums)
+        self._sums.zero_()
+        return {"ce": ce / n, "kd": kd / n} if n else {}
+
+
+# ------------------------------------------------------------------------------ the teacher
+
+
+class Teacher:
+    """A frozen Megatron model with the student's parallel layout; adds `teacher_logits` to micro batches."""
+
+    def __init__(self, cfg: KDConfig):
+        self.cfg = cfg
+        self.chunks = None
+
+    def build(self) -> None:
+        from recipes.convert import load_pretrained
+        from recipes.megatron import providers
+        from recipes.sft import model_dtype
+
+        t_hf = providers.load_hf_config(resolve_path(self.cfg.teacher.hf_config))
+        s_hf = providers.load_hf_config(resolve_path(self.cfg.model.hf_config))
+        tp, pp = self.cfg.parallel.tp, self.cfg.parallel.pp
+        if providers.padded_vocab_size(t_hf, tp) != providers.padded_vocab_size(s_hf, tp):
+            raise ConfigError(f"teacher.hf_config: vocab_size {t_hf['vocab_size']} differs from the student's "
+                              f"{s_hf['vocab_size']}: logit KD needs one tokenizer and vocabulary")
+        if not self.cfg.teacher.checkpoint:
+            raise ConfigError("teacher.checkpoint: set the teacher's Megatron checkpoint dir")
+        self.chunks = providers.build_model(t_hf, tp, pp, seed=self.cfg.training.seed, ddp=False,
+                                            dtype=model_dtype(self.cfg))
+        load_pretrained(self.chunks, resolve_path(self.cfg.teacher.checkpoint))
+        for c in self.chunks:
+            c.eval()
+            c.requires_grad_(False)
+
+    def attach_logits(self, micro_batches: list[dict]) -> list[dict]:
+        """Forward-only pass of the teacher through the pipeline; logits land on the last stage."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from recipes.megatron import train_step
+
+        def loss_func(output):
+            return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logits": output.detach()}
+
+        def step(data_iterator, model):
+            batch = train_step._to_device(next(data_iterator))
+            extra = train_step._model_inputs(batch, train_step._bare(model))
+            out = model(batch["tokens"], batch["position_ids"], extra["attention_mask"],
+                        packed_seq_params=extra["packed_seq_params"])
+            return out, loss_func
+
+        with torch.no_grad():
+            store = get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iter(micro_batches), model=self.chunks,
+                num_microbatches=len(micro_batches), seq_length=self.cfg.data.seq_length,
+                micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=True)
+        if not ps.is_pipeline_last_stage():
+            return micro_batches
+        return [{**mb, "teacher_logits": item["logits"]} for mb, item in zip(micro_batches, store)]
+
+
+def distill(cfg: KDConfig) -> dict:
+    teacher = Teacher(cfg)
+    loss = KDLoss(cfg.kd)
+    return train(cfg, loss_fn=loss, prepare_batches=teacher.attach_logits, extra_metrics=loss.step_metrics,
+                 on_init=teacher.build, stage="kd")
+
+
+def check_kd_config(cfg: KDConfig) -> None:
+    check_config(cfg)
+    k = cfg.kd
+    if k.temperature <= 0:
+        raise ConfigError(f"kd.temperature must be > 0, got {k.temperature}")
+    if not 0.0 <= k.kd_weight <= 1.0 or not 0.0 <= k.alpha <= 1.0:
+        raise ConfigError("kd.kd_weight and kd.alpha must be in [0, 1]")
+    if k.top_k is not None and k.top_k < 1:
+        raise ConfigError(f"kd.top_k must be >= 1 or null, got {k.top_k}")
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def add_arguments(parser) -> None:
+    from recipes.cli import add_config_arguments
+
+    add_config_arguments(parser, DEFAULT_CONFIG)
+
+
+def cli(args) -> int:
+    cfg = load_config(KDConfig, resolve_path(args.config) if args.config else None, args.overrides)
+    check_kd_config(cfg)
+    if world_size(cfg) > 1 and "RANK" not in os.environ:
+        return launch("recipes.kd", world_size(cfg), cfg.parallel.nodes, args.config, args.overrides)
+    distill(cfg)
+    return 0
+
+
+def _main() -> int:
+    import argparse
+
+    from recipes.megatron import runtime
+
+    parser = argparse.ArgumentParser(prog="recipes.kd", description=HELP)
+    add_arguments(parser)
+    try:
+        return cli(parser.parse_args())
+    except ConfigError as err:
+        print(f"kd: config error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        runtime.destroy_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
+

@@ -1,0 +1,119 @@
+"""`nrr launch`: run a stage or the whole pipeline through NeMo-Run on local, Slurm or Kubernetes.
+
+    nrr launch sft --executor slurm --config nemo_configs/sft/tiny_cpu.yaml \\
+        executor.nodes=4 executor.gpus_per_node=8 train.max_steps=100 --dryrun
+    nrr launch pipeline --executor local --config nemo_configs/pipeline/embedded.yaml
+    nrr launch --status <experiment id>        nrr launch --logs <experiment id> [--task sft]
+
+Overrides starting with `executor.` change the executor profile; all others go to the stage
+(or, for `pipeline`, to the pipeline config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+HELP = "Run a stage or the whole pipeline through NeMo-Run (local, Slurm, Kubernetes)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="?", help="a stage (curate, sft, kd, grpo, eval, convert, task) or 'pipeline'")
+    parser.add_argument("--executor", default=None, help="profile in nemo_configs/executors/ or a YAML path "
+                        "(default: local; for a pipeline, the one its config names)")
+    parser.add_argument("--config", default=None, help="the stage's YAML (or the pipeline's, for 'pipeline')")
+    parser.add_argument("--launcher", choices=["torchrun", "ray", "python"], help="replace the stage's launcher")
+    parser.add_argument("--name", default=None, help="experiment title (default: the target)")
+    parser.add_argument("--only", default=None, help="pipeline: comma-separated steps to run")
+    parser.add_argument("--dryrun", action="store_true", help="print the sbatch scripts / manifests / commands only")
+    parser.add_argument("--detach", action="store_true", help="submit and return (Slurm, Kubernetes)")
+    parser.add_argument("--status", metavar="EXP_ID", help="show the state of an earlier experiment")
+    parser.add_argument("--logs", metavar="EXP_ID", help="print the logs of an earlier experiment")
+    parser.add_argument("--task", default=None, help="with --logs: only this task")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="stage/pipeline overrides; executor.key=value for the executor profile")
+    # Options may follow overrides (`nrr launch sft a=1 --dryrun`): parse positionals intermixed.
+    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(stage or pipeline overrides, executor overrides without their `executor.` prefix)."""
+    stage, executor = [], []
+    for text in overrides:
+        if text.startswith("executor."):
+            executor.append(text[len("executor."):])
+        else:
+            stage.append(text)
+    return stage, executor
+
+
+def print_rendered(rendered, file=None) -> None:
+    out = file or sys.stdout
+    for item in rendered:
+        print(f"# ---- {item.name} ({item.kind}) ----", file=out)
+        print(item.text.rstrip("\n"), file=out)
+
+
+def stage_tasks(args: argparse.Namespace, profile, stage_overrides: list[str]):
+    from launchers.executors import StageTask
+    from launchers.profiles import code_path, run_path
+    from launchers.stages import stage_args, stage_spec
+
+    spec = stage_spec(args.target, args.launcher)
+    config = args.config or spec.default_config
+    name = args.name or args.target
+    return [StageTask(
+        name=args.target,
+        spec=spec,
+        nrr_args=stage_args(args.target, code_path(profile, config) if config else None, stage_overrides),
+        stage_dir=run_path(profile, f"runs/launch/{name}"),
+    )]
+
+
+def execute(title: str, tasks, profile, dryrun: bool, detach: bool) -> int:
+    """Dry-run or run the tasks; return 0 when every stage succeeded, else the first failure's code."""
+    from launchers import experiment
+
+    if dryrun:
+        print_rendered(experiment.dryrun(title, tasks, profile))
+        return 0
+    exp_id, results = experiment.run(title, tasks, profile, detach=detach)
+    if detach:
+        print(f"submitted experiment {exp_id}; follow it with: nrr launch --status {exp_id}")
+        return 0
+    experiment.print_results(exp_id, results, profile)
+    for r in results:
+        if r.state != "SUCCEEDED":
+            return r.exit_code or 1
+    return 0
+
+
+def cli(args: argparse.Namespace) -> int:
+    from launchers import experiment
+    from launchers.profiles import load_profile
+
+    stage_overrides, executor_overrides = split_overrides(args.overrides)
+    if args.status or args.logs:
+        profile = load_profile(args.executor or "local", executor_overrides)
+        experiment.use_nemorun_home(profile)
+        if args.status:
+            for name, info in experiment.experiment_status(args.status).items():
+                print(f"{name}: {info.get('status')}  {info.get('local_dir', '')}")
+        else:
+            experiment.experiment_logs(args.logs, args.task)
+        return 0
+    if not args.target:
+        print("nrr launch: give a stage or 'pipeline' (or --status/--logs EXP_ID)", file=sys.stderr)
+        return 2
+    if args.target == "pipeline":
+        from recipes import pipeline
+
+        return pipeline.run_pipeline(args.config or pipeline.DEFAULT_CONFIG, stage_overrides, args.executor,
+                                     executor_overrides, dryrun=args.dryrun, detach=args.detach,
+                                     only=args.only.split(",") if args.only else None)
+    profile = load_profile(args.executor or "local", executor_overrides)
+    experiment.use_nemorun_home(profile)
+    tasks = stage_tasks(args, profile, stage_overrides)
+    title = args.name or f"{args.target}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return execute(title, tasks, profile, args.dryrun, args.detach)

@@ -1,0 +1,1 @@
+"""GRPO building blocks: losses, advantages, rewards, sandbox, rollout backends, weight refit."""

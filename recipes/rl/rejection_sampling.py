@@ -1,0 +1,79 @@
+"""Rejection sampling / self-improvement: sample N responses per problem with the current policy,
+keep the verified-correct ones, and write them as an SFT corpus in the curation chat format.
+
+    nrr grpo rejection-sample --config nemo_configs/grpo/tiny_cpu.yaml model.init_checkpoint=runs/grpo/checkpoints
+
+Each record: {id, level, problem, answer, source, teacher, messages: [user, assistant], provenance}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def select_correct(problem: dict, responses: list[str], max_keep: int | None = None) -> list[str]:
+    """Distinct responses whose final answer the grader accepts (the think block must be closed)."""
+    from recipes import chat_template as ct
+    from recipes.grader import grade_response
+
+    kept: list[str] = []
+    for text in responses:
+        thinking, answer, closed = ct.split_response(text)
+        if closed and text not in kept and grade_response(answer, problem["answer"]).correct:
+            kept.append(text)
+        if max_keep is not None and len(kept) >= max_keep:
+            break
+    return kept
+
+
+def to_record(problem: dict, response: str, k: int, provenance: dict) -> dict:
+    return {
+        "id": f"{problem['id']}-rs{k}", "level": problem.get("level"), "problem": problem["problem"],
+        "answer": problem["answer"], "source": "rejection-sampling", "teacher": provenance.get("policy", "policy"),
+        "messages": [{"role": "user", "content": problem["problem"]}, {"role": "assistant", "content": response}],
+        "provenance": provenance,
+    }
+
+
+def run(cfg) -> dict:
+    """Single process: load the policy, fill a rollout engine by refit, sample, verify, write JSONL."""
+    from recipes import task
+    from recipes.convert import load_pretrained
+    from recipes.grpo import prompt_ids
+    from recipes.megatron import providers, runtime
+    from recipes.rl.refit import refit, write_engine_dir
+    from recipes.rl.rollout import make_backend
+    from recipes.sft import resolve_path
+
+    opts = {"samples_per_problem": 8, "problems_per_level": 50, "out": None, "max_keep_per_problem": 2,
+            **cfg.rejection}
+    runtime.init_distributed(1, 1, seed=cfg.training.seed)
+    hf = providers.load_hf_config(resolve_path(cfg.model.hf_config))
+    chunks = providers.build_model(hf, 1, 1, seed=cfg.training.seed, ddp=False)
+    if cfg.model.init_checkpoint:
+        load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
+    run_dir = Path(cfg.run_dir)
+    backend = make_backend(cfg.rollout, write_engine_dir(hf, run_dir / "engine"),
+                           max_model_len=int(hf.get("max_position_embeddings", 512)), seed=cfg.training.seed)
+    refit(backend, chunks, hf)
+    problems = task.train_problems(cfg.prompts.levels, int(opts["problems_per_level"]), seed=cfg.prompts.seed + 7)
+    n = int(opts["samples_per_problem"])
+    outs = backend.generate([prompt_ids(p) for p in problems], n=n, seed=cfg.training.seed)
+    provenance = {"policy": str(cfg.model.init_checkpoint or "random-init"), "samples_per_problem": n,
+                  "temperature": cfg.rollout.temperature, "seed": cfg.training.seed}
+    records, solved = [], 0
+    for p, comps in zip(problems, outs):
+        kept = select_correct(p.to_dict(), [c.text for c in comps], int(opts["max_keep_per_problem"]))
+        solved += bool(kept)
+        records += [to_record(p.to_dict(), text, k, provenance) for k, text in enumerate(kept)]
+    out = Path(opts["out"] or run_dir / "rejection_sampled.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    summary = {"problems": len(problems), "solved": solved, "records": len(records), "out": str(out),
+               "pass_at_n": solved / max(len(problems), 1)}
+    (run_dir / "rejection_summary.json").write_text(json.dumps(summary, indent=2))
+    runtime.print_rank0(f"[rejection-sample] {solved}/{len(problems)} problems solved at n={n}; "
+                        f"{len(records)} records -> {out}")
+    backend.close()
+    return summary

@@ -1,0 +1,1 @@
+"""The embedded teacher: an OpenAI-compatible server with R1-style traces for the embedded task."""

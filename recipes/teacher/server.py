@@ -1,0 +1,229 @@
+"""An OpenAI-compatible teacher that solves the embedded task (POST /v1/chat/completions, GET /v1/models).
+
+It stands in for a vLLM server, a NIM or a hosted API when none is reachable: the curation
+pipeline talks to it through the same client code. Each response carries the defect it was given
+in a side-channel field (`nrr_defect`, `nrr_defect_injected`, per choice and at the top level) and
+the server appends the same to its log, so tests can score the curation filters against the truth.
+For client tests it also fails on purpose: 429 (with Retry-After), 500, or a hang, for a share of
+requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from recipes.teacher.traces import TraceConfig, make_trace
+
+
+@dataclasses.dataclass
+class FaultConfig:
+    """Share of requests answered with a failure instead of a completion."""
+
+    rate_429: float = 0.0
+    rate_500: float = 0.0
+    rate_hang: float = 0.0
+    hang_s: float = 30.0  # how long a hanging request sleeps before it answers 504
+    retry_after_s: float = 0.0  # the Retry-After header of a 429
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port, printed on startup
+    model: str = "nrr-embedded-teacher"
+    latency_s: float = 0.0  # added to every completion (a slower teacher, e.g. to interrupt a run)
+    log_path: str | None = None  # JSONL of every request's outcome (the defect labels, faults)
+    traces: TraceConfig = dataclasses.field(default_factory=TraceConfig)
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+
+
+def _user_message(messages: list) -> str:
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):  # content parts
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return str(content or "")
+    return ""
+
+
+class TeacherServer:
+    """The HTTP server plus its state (fault RNG, log file, counters)."""
+
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+        self._fault_rng = random.Random(cfg.faults.seed)
+        self._lock = threading.Lock()
+        self._log = None
+        if cfg.log_path:
+            Path(cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(cfg.log_path, "a", encoding="utf-8")
+        self.counts: dict[str, int] = {}
+        self.httpd = ThreadingHTTPServer((cfg.host, cfg.port), self._handler_class())
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}/v1"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> TeacherServer:
+        """Serve in a background thread (tests, in-process use)."""
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="teacher", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> TeacherServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- behaviour
+
+    def _record(self, event: dict) -> None:
+        with self._lock:
+            key = event.get("defect") or event.get("fault") or "other"
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if self._log is not None:
+                self._log.write(json.dumps(event) + "\n")
+                self._log.flush()
+
+    def _draw_fault(self) -> str | None:
+        f = self.cfg.faults
+        with self._lock:
+            u = self._fault_rng.random()
+        for name, rate in (("429", f.rate_429), ("500", f.rate_500), ("hang", f.rate_hang)):
+            if u < rate:
+                return name
+            u -= rate
+        return None
+
+    def complete(self, body: dict) -> dict:
+        """A chat.completion for a request body (no faults; those are the handler's)."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        question = _user_message(messages)
+        seed = int(body.get("seed") or 0)
+        n = int(body.get("n") or 1)
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        choices = []
+        completion_tokens = 0
+        from recipes import tokenizer
+
+        for i in range(n):
+            trace = make_trace(question, seed + i, self.cfg.traces, int(max_tokens) if max_tokens else None)
+            completion_tokens += len(tokenizer.encode(trace.text))
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": trace.text},
+                "finish_reason": trace.finish_reason,
+                "nrr_defect": trace.defect,
+                "nrr_defect_injected": trace.injected,
+            })
+            self._record({"time": time.time(), "question": question, "seed": seed + i,
+                          "defect": trace.defect, "injected": trace.injected, "finish_reason": trace.finish_reason})
+        prompt_tokens = sum(len(tokenizer.encode(str(m.get("content", "")))) for m in messages if isinstance(m, dict))
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.cfg.model,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "nrr_defect": choices[0]["nrr_defect"],
+            "nrr_defect_injected": choices[0]["nrr_defect_injected"],
+        }
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+                pass  # one line per request would drown the pipeline's own log
+
+            def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (its timeout), nothing to do
+
+            def _error(self, status: int, message: str, kind: str, headers: dict | None = None) -> None:
+                self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                if self.path.rstrip("/") in ("/v1/models", "/models"):
+                    self._send(200, {"object": "list", "data": [
+                        {"id": server.cfg.model, "object": "model", "created": 0, "owned_by": "nrr"}]})
+                elif self.path.rstrip("/") in ("/health", "/v1/health"):
+                    self._send(200, {"status": "ok"})
+                else:
+                    self._error(404, f"no route {self.path}", "not_found")
+
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+                    self._error(404, f"no route {self.path}", "not_found")
+                    return
+                fault = server._draw_fault()
+                if fault == "429":
+                    server._record({"time": time.time(), "fault": "429"})
+                    self._error(429, "rate limited (injected)", "rate_limit_error",
+                                {"Retry-After": str(server.cfg.faults.retry_after_s)})
+                    return
+                if fault == "500":
+                    server._record({"time": time.time(), "fault": "500"})
+                    self._error(500, "internal error (injected)", "server_error")
+                    return
+                if fault == "hang":
+                    server._record({"time": time.time(), "fault": "hang"})
+                    time.sleep(server.cfg.faults.hang_s)
+                    self._error(504, "timed out (injected hang)", "timeout")
+                    return
+                try:
+                    body = json.loads(raw or b"{}")
+                    if not isinstance(body, dict):
+                        raise ValueError("the request body must be a JSON object")
+                    if server.cfg.latency_s:
+                        time.sleep(server.cfg.latency_s)
+                    self._send(200, server.complete(body))
+                except (ValueError, TypeError) as err:
+                    self._error(400, str(err), "invalid_request_error")
+
+        return Handler

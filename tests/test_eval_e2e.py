@@ -1,0 +1,179 @@
+"""End to end on CPU: a tiny random-init Qwen2 evaluated on a MATH-500 slice and the embedded task,
+resumed after an interruption, graded from the CLI, and its HTML report rendered in headless Chromium."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from recipes import task
+from recipes.cli import main as nrr
+from recipes.evaluation import evaluate_model, run_eval
+from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig
+from recipes.grader import grade_response
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from recipes.tokenizer import save_hf_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    config = AutoConfig.from_pretrained(ROOT / "recipes/assets/models/tiny-qwen2")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    save_hf_tokenizer(out)
+    return out
+
+
+def _config(model, out_dir, thinking=True, run_name=None) -> EvalConfig:
+    return EvalConfig(
+        model=str(model),
+        benchmarks=[BenchmarkConfig(name="math500", limit=3), BenchmarkConfig(name="embedded", levels=[1, 2], n_per_level=2)],
+        generation=GenerationConfig(backend="hf", k=2, temperature=0.8, max_tokens=MAX_TOKENS, batch_size=4,
+                                    thinking=thinking),
+        output_dir=str(out_dir),
+        run_name=run_name,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_runs(tiny_model, tmp_path_factory):
+    """Two runs of the same model: thinking and no-thinking mode."""
+    base = tmp_path_factory.mktemp("eval-runs")
+    think = _config(tiny_model, base / "think", thinking=True, run_name="think")
+    no_think = _config(tiny_model, base / "no_think", thinking=False, run_name="no-think")
+    return {"think": (think, run_eval(think)), "no_think": (no_think, run_eval(no_think))}
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_hf_backend_end_to_end(hf_runs):
+    cfg, summary = hf_runs["think"]
+    out = Path(cfg.output_dir)
+    assert set(summary["benchmarks"]) == {"math500", "embedded"}
+    math = _lines(out / "math500.jsonl")
+    emb = _lines(out / "embedded.jsonl")
+    assert len(math) == 3 * 2 and len(emb) == 4 * 2
+    assert {(r["id"], r["sample_idx"]) for r in emb} == {(p.id, i) for p in task.heldout_problems([1, 2], 2) for i in (0, 1)}
+    for r in math + emb:
+        assert r["is_correct"] == grade_response(r["generation"], r["expected_answer"]).correct
+        assert 1 <= r["num_generated_tokens"] <= MAX_TOKENS
+        assert r["thinking_tokens"] + r["answer_tokens"] == r["num_generated_tokens"]
+        assert r["truncated"] == (r["finish_reason"] == "length")
+    assert math[0]["expected_answer"] == r"\left( 3, \frac{\pi}{2} \right)"
+    m = summary["benchmarks"]["embedded"]
+    assert m["problems"] == 4 and m["samples_per_problem"] == 2 and set(m["pass@k"]) == {"1", "2"}
+    assert set(m["by_level"]) == {"1", "2"}
+    assert 0.0 <= m["pass@1"] <= m["pass@k"]["2"] <= 1.0
+    assert json.loads((out / "summary.json").read_text())["benchmarks"]["math500"]["problems"] == 3
+    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 3
+    # no-think mode: the prompt closes an empty think block, so nothing counts as thinking
+    _, no_think = hf_runs["no_think"]
+    rows = _lines(Path(hf_runs["no_think"][0].output_dir) / "embedded.jsonl")
+    assert all(r["thinking_tokens"] == 0 for r in rows) and no_think["thinking"] is False
+
+
+def test_rerun_resumes_and_skips_finished_samples(hf_runs, tmp_path):
+    cfg, _ = hf_runs["think"]
+    out = tmp_path / "resume"
+    shutil.copytree(cfg.output_dir, out)
+    path = out / "embedded.jsonl"
+    before = _lines(path)
+    # an interrupted run: the last three samples missing, the last line torn
+    path.write_text("".join(json.dumps(r) + "\n" for r in before[:-3]) + '{"id": "arith-L2-')
+    summary = run_eval(_config(cfg.model, out))
+    after = _lines(path)  # every line parses: the torn one was cut before appending
+    assert len(after) == 8 and {(r["id"], r["sample_idx"]) for r in after} == {(r["id"], r["sample_idx"]) for r in before}
+    assert after[:5] == before[:5]  # finished samples are kept, not regenerated
+    assert summary["benchmarks"]["embedded"]["samples"] == 8
+    # everything finished: a rerun generates nothing, so it does not even need the model
+    again = run_eval(_config("/nonexistent/model", out))
+    assert again["benchmarks"]["embedded"] == summary["benchmarks"]["embedded"]
+
+
+def test_evaluate_model_api_accuracy_per_level(tiny_model, tmp_path):
+    a = evaluate_model(tiny_model, benchmark="embedded", levels=[1, 2, 3], n_per_level=2, k=1, temperature=0,
+                       backend="hf", out_dir=tmp_path / "a", max_tokens=12)
+    b = evaluate_model(tiny_model, benchmark="embedded", levels=[1, 2, 3], n_per_level=2, k=1, temperature=0,
+                       backend="hf", out_dir=tmp_path / "b", max_tokens=12)
+    assert set(a["accuracy_by_level"]) == {"1", "2", "3"} and 0.0 <= a["accuracy"] <= 1.0
+    assert a["problems"] == 6
+    gen = lambda d: [r["generation"] for r in _lines(Path(d) / "embedded.jsonl")]  # noqa: E731
+    assert gen(a["output_dir"]) == gen(b["output_dir"])  # greedy decoding is deterministic
+
+
+def test_grade_cli_adds_predictions(tmp_path):
+    problems = task.heldout_problems([1, 2, 3], 3)
+    rows = [{"q": p.question, "resp": task.assistant_response(p), "gold": p.answer} for p in problems]
+    rows += [{"q": p.question, "resp": task.assistant_response(p).replace(p.answer + "}", p.answer + "1}"),
+              "gold": p.answer} for p in problems]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", "grade", "--input", str(src), "--response-field", "resp", "--reference-field", "gold"]
+    assert nrr(args + ["--output", str(dst)]) == 0
+    graded = _lines(dst)
+    assert [g["is_correct"] for g in graded] == [True] * 9 + [False] * 9
+    assert [g["predicted_answer"] for g in graded[:9]] == [p.answer for p in problems]
+    assert all(g["q"] == r["q"] for g, r in zip(graded, rows))  # the other fields are kept
+    bad = [*args[:-1], "nope", "--output", str(dst)]
+    assert nrr(bad) == 2  # a missing field is reported with its line
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is missing and apt-get cannot install it here (needs root and apt)")
+    res = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 or not shutil.which("chromium"):
+        pytest.skip(f"chromium is missing and `apt-get install -y chromium` failed: {res.stderr[-300:]}")
+    return shutil.which("chromium")
+
+
+def test_compare_report_renders_in_headless_chromium(hf_runs, tmp_path):
+    runs = [hf_runs["think"][0].output_dir, hf_runs["no_think"][0].output_dir]
+    report = tmp_path / "report.html"
+    assert nrr(["eval", "compare", *runs, "--output", str(report)]) == 0
+    text = report.read_text()
+    assert "think" in text and "no-think" in text and text.count("data:image/png;base64,") >= 4
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "eval_report.png"
+    shot.unlink(missing_ok=True)
+    res = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}",
+         "--window-size=1400,2400", report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a rendered page, not a blank one
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_backend_end_to_end(tiny_model, tmp_path):
+    """The same pipeline on vLLM (offline LLM in its worker process, float32, eager on CPU)."""
+    result = evaluate_model(tiny_model, benchmark="embedded", levels=[1, 2], n_per_level=3, k=2, temperature=0.8,
+                            backend="vllm", out_dir=tmp_path / "vllm", max_tokens=MAX_TOKENS, batch_size=3)
+    rows = _lines(tmp_path / "vllm" / "embedded.jsonl")
+    assert len(rows) == 6 * 2 and result["samples_per_problem"] == 2
+    assert set(result["accuracy_by_level"]) == {"1", "2"}
+    for r in rows:
+        assert 1 <= r["num_generated_tokens"] <= MAX_TOKENS
+        assert r["finish_reason"] in ("stop", "length")
+        assert r["is_correct"] == grade_response(r["generation"], r["expected_answer"]).correct
+    assert len({r["generation"] for r in rows}) > 1  # sampled, not one repeated string

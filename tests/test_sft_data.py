@@ -1,0 +1,109 @@
+"""SFT data path: assistant-only loss mask, think/no-think mixing, bad records, packing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from recipes import tokenizer as tok
+from recipes.data import packing
+from recipes.data import sft_dataset as sd
+
+CONTENT = "<think>\n1+2=3\n</think>\n\n\\boxed{3}"
+MESSAGES = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": CONTENT}]
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens():
+    ids, mask = sd.tokenize_conversation(MESSAGES)
+    # by hand: <|im_start|> "user\n1+2" <|im_end|> "\n" <|im_start|> "assistant\n"  = 1+8+1+1+1+10 = 22 tokens,
+    # then <think> "\n1+2=3\n" </think> "\n\n" "\boxed{3}" <|im_end|> = 1+7+1+2+9+1 = 21 tokens, then "\n"
+    assert len(ids) == 22 + 21 + 1
+    assert mask.tolist() == [0] * 22 + [1] * 21 + [0]
+    assert tok.decode(ids[22:43]) == CONTENT + "<|im_end|>"
+    assert ids[42] == tok.eos_id()
+    ex = sd.to_example(MESSAGES, seq_length=64, vocab_size=384, where="x:1")
+    # shifted: labels[i] = ids[i + 1]; the loss covers the labels that are assistant tokens
+    assert ex.labels.tolist() == ids[1:].tolist() and ex.input_ids.tolist() == ids[:-1].tolist()
+    assert np.flatnonzero(ex.loss_mask).tolist() == list(range(21, 42))
+
+
+def _write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_think_ratio_mixes_think_and_no_think(tmp_path):
+    corpus = sd.write_jsonl(sd.task_records([1, 2], 100, seed=3), tmp_path / "c.jsonl")
+    _, all_think = sd.load_examples(corpus, sd.DataConfig(think_ratio=1.0), 384)
+    assert (all_think.think, all_think.no_think) == (200, 0)
+    ex, none = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.0), 384)
+    assert (none.think, none.no_think) == (0, 200)
+    text = tok.decode([t for t, m in zip(ex[0].labels, ex[0].loss_mask) if m])
+    assert text.startswith("<think>\n\n</think>\n\n\\boxed{") and text.endswith("}<|im_end|>")
+    _, half = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.5), 384)
+    assert 70 <= half.think <= 130 and half.think + half.no_think == 200
+    _, again = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.5), 384)
+    assert again.think == half.think  # the per-record choice is stable
+
+
+def test_bad_records_error_with_file_and_line_or_are_counted(tmp_path):
+    good = {"id": "a", "messages": MESSAGES}
+    long = {"id": "b", "messages": [MESSAGES[0], {"role": "assistant", "content": "9" * 200}]}
+    path = _write(tmp_path / "bad.jsonl", [good, {"id": "no-messages", "text": "hi"}, good, long, "{not json"])
+    with pytest.raises(sd.DataError, match=r"bad\.jsonl:2: record has no 'messages'"):
+        sd.load_examples(path, sd.DataConfig(seq_length=64), 384)
+    with pytest.raises(sd.DataError, match=r"b2\.jsonl:2: record has \d+ tokens, longer than seq_length=64"):
+        sd.load_examples(_write(tmp_path / "b2.jsonl", [good, long]), sd.DataConfig(seq_length=64), 384)
+    ex, stats = sd.load_examples(path, sd.DataConfig(seq_length=64, on_bad_record="skip"), 384)
+    assert len(ex) == 2 and stats.skipped == {"messages": 1, "too_long": 1, "json": 1}
+    with pytest.raises(sd.DataError, match="tokenizer/model mismatch"):
+        sd.load_examples(_write(tmp_path / "ok.jsonl", [good]), sd.DataConfig(), vocab_size=200)
+
+
+def test_parquet_reads_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = sd.task_records([1, 2, 3], 10, seed=0)
+    jsonl = sd.write_jsonl(records, tmp_path / "c.jsonl")
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
+    a, _ = sd.load_examples(jsonl, sd.DataConfig(), 384)
+    b, _ = sd.load_examples(tmp_path / "c.parquet", sd.DataConfig(), 384)
+    assert [e.input_ids.tolist() for e in a] == [e.input_ids.tolist() for e in b]
+    assert b[4].source.endswith("c.parquet:row 5")
+
+
+def test_first_fit_decreasing_by_hand():
+    # sizes 5,4,3,3,2,2,1 into bins of 8: 5->b0, 4->b1, 3->b0 (full), 3->b1, 2->b2, 2->b2, 1->b1
+    bins = packing.first_fit_decreasing([2, 5, 1, 3, 4, 2, 3], 8)
+    sizes = [sorted(([2, 5, 1, 3, 4, 2, 3][i] for i in b), reverse=True) for b in bins]
+    assert sizes == [[5, 3], [4, 3, 1], [2, 2]]
+    with pytest.raises(ValueError):
+        packing.first_fit_decreasing([9], 8)
+
+
+def test_packed_rows_restart_positions_and_block_attention():
+    ex = [sd.to_example([{"role": "user", "content": q}, {"role": "assistant", "content": "\\boxed{1}"}], 96, 384, "")
+          for q in ("1", "22", "333")]
+    rows = packing.pack(ex, 96, tok.pad_id())
+    assert len(rows) == 1 and sorted(rows[0].doc_lengths) == sorted(len(e) for e in ex)
+    batch = packing.collate(rows)
+    n0, n1 = rows[0].doc_lengths[:2]
+    pos = batch["position_ids"][0].tolist()
+    assert pos[:n0] == list(range(n0)) and pos[n0:n0 + n1] == list(range(n1))
+    mask = batch["attention_mask"][0, 0]  # True = masked
+    assert not mask[n0 + 1, n0] and mask[n0 + 1, n0 - 1] and mask[0, 1]  # own doc, other doc, future
+    assert batch["cu_seqlens"].tolist() == [0, n0, n0 + n1, sum(rows[0].doc_lengths), 96]
+    assert batch["loss_mask"].sum().item() == sum(e.loss_mask.sum() for e in ex)
+    padded = packing.collate(packing.pad(ex, 96, tok.pad_id()))
+    assert padded["attention_mask"] is None and "cu_seqlens" not in padded
+    assert padded["loss_mask"].sum().item() == batch["loss_mask"].sum().item()
+
+
+def test_row_sampler_is_a_pure_function_of_the_step():
+    rows = list(range(10))
+    a = sd.RowSampler(rows, 4, seed=7)
+    b = sd.RowSampler(rows, 4, seed=7)
+    first_epochs = [a.global_batch(k) for k in range(5)]  # 20 rows = two epochs
+    assert b.global_batch(3) == first_epochs[3]
+    assert sorted(sum(first_epochs[:2], []) + first_epochs[2][:2]) == rows
