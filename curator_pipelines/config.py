@@ -89,9 +89,9 @@ class DedupConfig:
     fuzzy: bool = True
     backend: Literal["auto", "cpu", "gpu"] = "auto"  # gpu: Curator's cuDF dedup (needs a GPU)
     num_perm: int = 128
-    shingle_chars: int = 5
+    shingle_chars: int = 3
     threshold: float = 0.8  # Jaccard similarity of problem + response shingles
-    lsh_threshold: float = 0.6  # candidate threshold (LSH), every candidate is then verified
+    lsh_threshold: float = 0.5  # candidate threshold (LSH), every candidate is then verified
 
 
 @dataclasses.dataclass

@@ -61,20 +61,33 @@ def exact_duplicates(docs: list[tuple[int, str, str]]) -> dict[int, tuple[bool, 
     return out
 
 
+def _compact(text: str) -> str:
+    """Lower case, no whitespace: spacing and layout do not make two traces different."""
+    return _WS.sub("", unicodedata.normalize("NFKC", text or "").lower())
+
+
 def fuzzy_duplicates(docs: list[tuple[int, str, str]], cfg: DedupConfig) -> dict[int, tuple[bool, float, str]]:
-    """Near duplicates: Jaccard similarity >= cfg.threshold with an earlier kept record."""
+    """Near duplicates: an earlier kept record with a similar problem AND a similar response.
+
+    MinHash + LSH over the shingles of problem + response finds candidates; a candidate is a
+    duplicate when the exact Jaccard similarity of the problems' shingles and of the responses'
+    shingles are both >= cfg.threshold (the chat template's tags are shared by every response, so
+    the response alone must not decide that two short traces of different problems are alike).
+    """
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=cfg.lsh_threshold, num_perm=cfg.num_perm)
-    kept_shingles: dict[int, set[str]] = {}
+    kept: dict[int, tuple[set[str], set[str]]] = {}
     out = {}
     for pos, problem, response in docs:
-        sh = shingles(document(problem, response), cfg.shingle_chars)
+        p_sh = shingles(_compact(problem), cfg.shingle_chars)
+        r_sh = shingles(_compact(response), cfg.shingle_chars)
         mh = MinHash(num_perm=cfg.num_perm, seed=1)
-        mh.update_batch([s.encode() for s in sh])
+        mh.update_batch([("p:" + s).encode() for s in p_sh] + [("r:" + s).encode() for s in r_sh])
         best, best_j = None, 0.0
         for cand in sorted(lsh.query(mh)):
-            j = jaccard(sh, kept_shingles[cand])
+            cp, cr = kept[cand]
+            j = min(jaccard(p_sh, cp), jaccard(r_sh, cr))
             if j > best_j:
                 best, best_j = cand, j
         if best is not None and best_j >= cfg.threshold:
@@ -82,7 +95,7 @@ def fuzzy_duplicates(docs: list[tuple[int, str, str]], cfg: DedupConfig) -> dict
         else:
             out[pos] = (True, best_j, "")
             lsh.insert(pos, mh)
-            kept_shingles[pos] = sh
+            kept[pos] = (p_sh, r_sh)
     return out
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class Rendered:
     name: str
     kind: str  # "sbatch" | "manifest" | "command"
     text: str
+    after: list[str] = field(default_factory=list)  # upstream tasks (afterok on Slurm)
 
 
 def _dependencies(tasks: list[StageTask]) -> dict[str, list[str]]:
@@ -74,11 +75,14 @@ def dryrun(title: str, tasks: list[StageTask], profile: Profile) -> list[Rendere
     if isinstance(profile, K8sProfile):
         from launchers import k8s
 
-        return [Rendered(t.name, "manifest", k8s.to_yaml(k8s.manifests_for([t], profile))) for t in tasks]
+        deps = _dependencies(tasks)
+        return [Rendered(t.name, "manifest", k8s.to_yaml(k8s.manifests_for([t], profile)), deps[t.name])
+                for t in tasks]
 
     from nemo_run.run.torchx_backend.launcher import launch
     from nemo_run.run.torchx_backend.schedulers.api import get_executor_str
 
+    deps = _dependencies(tasks)
     exp = build_experiment(title, tasks, profile)
     try:
         exp._prepare(exist_ok=True)
@@ -88,11 +92,11 @@ def dryrun(title: str, tasks: list[StageTask], profile: Profile) -> list[Rendere
                              executor=job.executor, dryrun=True, runner=exp._runner)
             request = info.request
             if hasattr(request, "materialize"):
-                out.append(Rendered(job.id, "sbatch", request.materialize()))
+                out.append(Rendered(job.id, "sbatch", request.materialize(), deps[job.id]))
             else:
-                role = info.request.app.roles[0] if hasattr(info.request, "app") else None
-                text = shlex.join([role.entrypoint, *role.args]) if role else str(info)
-                out.append(Rendered(job.id, "command", text))
+                params = getattr(request, "role_params", {})
+                lines = [shlex.join(p.args) for replicas in params.values() for p in replicas]
+                out.append(Rendered(job.id, "command", "\n".join(lines) or str(info), deps[job.id]))
         return out
     finally:
         _close(exp, delete=True)

@@ -16,6 +16,8 @@ import sys
 # name -> (module, one-line help). A stage appears here when it lands.
 STAGES: dict[str, tuple[str, str]] = {
     "task": ("recipes.task_cli", "Show or export problems of the embedded arithmetic reasoning task."),
+    "sft": ("recipes.sft", "Supervised fine-tuning (reasoning-trace distillation) with megatron-core."),
+    "kd": ("recipes.kd", "Logit knowledge distillation from a teacher checkpoint (forward/reverse KL, top-k)."),
     "curate": ("recipes.curate", "Curate a long chain-of-thought corpus with NeMo Curator (teacher, filters, dedup, decontam)."),
     "teacher": ("recipes.teacher.cli", "Serve the embedded OpenAI-compatible teacher (R1-style traces, labelled defects)."),
     "grpo": ("recipes.grpo", "GRPO / Dr.GRPO / DAPO with vLLM rollouts on the Megatron policy; rejection sampling."),

@@ -596,6 +596,7 @@ def _grade(predicted: str | None, reference, timeout: float) -> tuple[bool, str]
         if len(p_items) == 1:  # one expression for several answers (a set, "x = 1 or x = 2")
             return _grade_one(p, r, timeout)
         return False, "exact"
+    p_items, r_items = [normalize(x) for x in p_items], [normalize(x) for x in r_items]
     unused = list(range(len(p_items)))
     worst = "exact"
     for ri in r_items:

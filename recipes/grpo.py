@@ -295,11 +295,13 @@ def train(cfg: GRPOConfig) -> dict:
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
     updates = g.steps * g.minibatches * g.epochs
     hf, chunks, optimizer, scheduler = build_model_and_optimizer(cfg, updates)
-    ref_chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, ddp=False) if cfg.loss.kl_coef > 0 \
-        else None
     if cfg.model.init_checkpoint:
-        for c in [chunks] + ([ref_chunks] if ref_chunks else []):
-            load_pretrained(c, resolve_path(cfg.model.init_checkpoint))
+        load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
+    ref_chunks = None
+    if cfg.loss.kl_coef > 0:  # a frozen copy of the starting policy
+        ref_chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, ddp=False)
+        for ref, pol in zip(ref_chunks, providers.unwrap(chunks)):
+            ref.load_state_dict(pol.state_dict())
     start = 0
     if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
         start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)

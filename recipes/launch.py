@@ -51,7 +51,8 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 def print_rendered(rendered, file=None) -> None:
     out = file or sys.stdout
     for item in rendered:
-        print(f"# ---- {item.name} ({item.kind}) ----", file=out)
+        after = f" after: {', '.join(item.after)}" if item.after else ""
+        print(f"# ---- {item.name} ({item.kind}){after} ----", file=out)
         print(item.text.rstrip("\n"), file=out)
 
 

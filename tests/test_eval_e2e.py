@@ -38,7 +38,8 @@ def tiny_model(tmp_path_factory):
 def _config(model, out_dir, thinking=True, run_name=None) -> EvalConfig:
     return EvalConfig(
         model=str(model),
-        benchmarks=[BenchmarkConfig(name="math500", limit=3), BenchmarkConfig(name="embedded", levels=[1, 2], n_per_level=2)],
+        benchmarks=[BenchmarkConfig(name="math500", limit=3),
+                    BenchmarkConfig(name="embedded", levels=[1, 2], n_per_level=2)],
         generation=GenerationConfig(backend="hf", k=2, temperature=0.8, max_tokens=MAX_TOKENS, batch_size=4,
                                     thinking=thinking),
         output_dir=str(out_dir),
@@ -67,7 +68,8 @@ def test_hf_backend_end_to_end(hf_runs):
     math = _lines(out / "math500.jsonl")
     emb = _lines(out / "embedded.jsonl")
     assert len(math) == 3 * 2 and len(emb) == 4 * 2
-    assert {(r["id"], r["sample_idx"]) for r in emb} == {(p.id, i) for p in task.heldout_problems([1, 2], 2) for i in (0, 1)}
+    expected_pairs = {(p.id, i) for p in task.heldout_problems([1, 2], 2) for i in (0, 1)}
+    assert {(r["id"], r["sample_idx"]) for r in emb} == expected_pairs
     for r in math + emb:
         assert r["is_correct"] == grade_response(r["generation"], r["expected_answer"]).correct
         assert 1 <= r["num_generated_tokens"] <= MAX_TOKENS
@@ -96,7 +98,8 @@ def test_rerun_resumes_and_skips_finished_samples(hf_runs, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in before[:-3]) + '{"id": "arith-L2-')
     summary = run_eval(_config(cfg.model, out))
     after = _lines(path)  # every line parses: the torn one was cut before appending
-    assert len(after) == 8 and {(r["id"], r["sample_idx"]) for r in after} == {(r["id"], r["sample_idx"]) for r in before}
+    pairs = lambda rows: {(r["id"], r["sample_idx"]) for r in rows}  # noqa: E731
+    assert len(after) == 8 and pairs(after) == pairs(before)
     assert after[:5] == before[:5]  # finished samples are kept, not regenerated
     assert summary["benchmarks"]["embedded"]["samples"] == 8
     # everything finished: a rerun generates nothing, so it does not even need the model

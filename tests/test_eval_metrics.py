@@ -81,9 +81,11 @@ def test_reflection_format_and_truncation():
     assert reflection_count("The answer awaits no one.") == 0  # word boundaries: 'awaits' is not 'wait'
     rows = [
         {"id": "a", "sample_idx": 0, "predicted_answer": "1", "is_correct": True, "reflection_markers": 2,
-         "num_generated_tokens": 100, "format_ok": True, "truncated": False, "thinking_tokens": 80, "answer_tokens": 20},
+         "num_generated_tokens": 100, "format_ok": True, "truncated": False,
+         "thinking_tokens": 80, "answer_tokens": 20},
         {"id": "b", "sample_idx": 0, "predicted_answer": None, "is_correct": False, "reflection_markers": 0,
-         "num_generated_tokens": 300, "format_ok": False, "truncated": True, "thinking_tokens": 300, "answer_tokens": 0},
+         "num_generated_tokens": 300, "format_ok": False, "truncated": True,
+         "thinking_tokens": 300, "answer_tokens": 0},
     ]
     b = behaviour_metrics(rows)
     assert b == pytest.approx({"reflection_rate": 0.5, "reflections_per_1k_tokens": 5.0, "format_compliance": 0.5,

@@ -92,10 +92,10 @@ class HFGenerator:
         pad = tok.pad_id()
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts for _ in range(n)])
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(n)])
-        sampling = dict(do_sample=True, temperature=temperature, top_p=self.cfg.top_p) if temperature > 0 \
+        sampling = dict(do_sample=True, temperature=temperature, top_p=self.cfg.top_p, top_k=0) if temperature > 0 \
             else dict(do_sample=False)
         out = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_tokens,
-                                  eos_token_id=tok.eos_id(), pad_token_id=pad, top_k=0, **sampling)
+                                  eos_token_id=tok.eos_id(), pad_token_id=pad, **sampling)
         rows = [_completion(row[width:].tolist(), max_tokens) for row in out]
         return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -123,6 +123,8 @@ class VLLMGenerator:
     def __init__(self, hf_dir: str | Path, cfg: RolloutConfig, max_model_len: int = 512, seed: int = 0,
                  in_process: bool = True, load_weights: bool = False):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        if not in_process:  # the refit function travels to our own engine process by pickle
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         from vllm import LLM
 
         self.cfg = cfg
@@ -133,7 +135,7 @@ class VLLMGenerator:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         weights = iter(weights) if self.in_process else [(n, t.detach().cpu()) for n, t in weights]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.collective_rpc(_reload_in_worker, args=(weights,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def generate(self, prompts, n, seed, max_tokens=None, temperature=None):
@@ -155,6 +157,19 @@ class VLLMGenerator:
 
     def close(self) -> None:
         del self.llm
+
+
+def _reload_in_worker(worker, weights) -> None:
+    """Runs inside vLLM's worker: in-place reload, then re-tie the output layer to the embedding.
+
+    vLLM's layer-wise reload restores the old tensor of a layer that received no weights; with tied
+    embeddings that is the LM head (HF checkpoints carry no lm_head.weight), which would keep
+    sampling with stale weights.
+    """
+    worker.reload_weights(weights_iterator=iter(weights))
+    model = worker.get_model()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def make_backend(cfg: RolloutConfig, hf_dir: str | Path, max_model_len: int = 512, seed: int = 0,

@@ -32,7 +32,7 @@ LABELS = ("none", "contaminated", "unsolvable", *RESPONSE_DEFECTS)
 
 # short spans of other scripts, as a multilingual teacher drifts into them mid-thought
 _FOREIGN_SPANS = ("让我们一步一步计算", "давайте проверим", "計算してみます", "다시 확인해 보자", "لنحسب خطوة")
-_NEAR_DUP_EDITS = ("so ", "then ", "thus ")
+_NEAR_DUP_EDITS = ("spaced", "period")
 _EXPR = re.compile(r"[\d()+\-*][\d()+\-* ]*[\d)]")
 
 
@@ -171,10 +171,12 @@ def _inject(expr: str, seed: int, cfg: TraceConfig, defect: str) -> Trace:
     if defect == "exact_duplicate":
         return Trace(clean_response(expr, seed - 1, cfg), "stop", defect, True)
     if defect == "near_duplicate":
-        think = clean_think(expr, seed - 1, cfg)
-        parts = think.split(";")
-        parts[-1] = rng.choice(_NEAR_DUP_EDITS) + parts[-1]
-        return Trace(format_response(";".join(parts), task.answer_text(answer)), "stop", defect, True)
+        # the previous sample again with surface edits: spacing after separators, a final period
+        text = clean_response(expr, seed - 1, cfg)
+        edits = [e for e in _NEAR_DUP_EDITS if e != "spaced" or ";" in text]
+        for edit in rng.sample(edits, rng.randint(1, len(edits))):
+            text = text.replace(";", "; ") if edit == "spaced" else text + "."
+        return Trace(text, "stop", defect, True)
     raise ValueError(f"unknown defect {defect!r}")
 
 

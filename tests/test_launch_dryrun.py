@@ -1,0 +1,168 @@
+"""Launch path without a cluster: Slurm sbatch rendering, pipeline wiring, the stage entry wrapper."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launchers.entry import stage_state
+from launchers.pipeline import PipelineConfig, plan
+from launchers.profiles import load_profile
+from recipes.cli import main
+from recipes.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTINEL = "sk-nrr-SENTINEL-do-not-leak-4242"
+
+
+@pytest.fixture()
+def nemorun_home(tmp_path, monkeypatch):
+    home = tmp_path / "nemorun"
+    monkeypatch.setenv("NEMORUN_HOME", str(home))  # restored after the test
+    for name in ("NRR_TEACHER_API_KEY", "HF_TOKEN", "WANDB_API_KEY"):
+        monkeypatch.setenv(name, SENTINEL)
+    return home
+
+
+def nrr(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`nrr` in a child process (NeMo-Run's Slurm tunnel wants a real stdin)."""
+    return subprocess.run([sys.executable, "-m", "recipes.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
+    proc = nrr("launch", "sft", "--executor", "slurm", "--dryrun", "executor.account=llm", "executor.nodes=4",
+               "executor.gpus_per_node=8", f"executor.nemorun_home={nemorun_home}", "train.max_steps=50")
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    script = out[out.index("#!/bin/bash"):]
+    for line in ["#SBATCH --account=llm", "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=batch", "#SBATCH --time=04:00:00",
+                 "#SBATCH --exclusive"]:
+        assert line in script, line
+    srun = next(line for line in script.splitlines() if line.startswith("srun ") and "torchrun" in line)
+    # pyxis: image, mounts, secrets by NAME only
+    assert "--container-image nvcr.io/example/nemo-reasoning-recipes:25.10" in srun
+    assert "--container-mounts /lustre:/lustre," in srun
+    assert "--container-env NRR_TEACHER_API_KEY,HF_TOKEN,WANDB_API_KEY,NGC_API_KEY" in srun
+    # one torchrun per node, c10d rendezvous on the first node, 8 workers each
+    assert "torchrun --rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500" in srun
+    assert "--nnodes 4 --nproc-per-node 8 --node-rank $SLURM_NODEID" in srun
+    assert srun.endswith("-m launchers.entry --stage-dir /lustre/nrr/runs/launch/sft -- sft "
+                         "--config /opt/nrr/nemo_configs/sft/tiny_cpu.yaml train.max_steps=50")
+    assert 'head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)' in script
+    assert "export NCCL_DEBUG=WARN" in script
+    assert SENTINEL not in out + proc.stderr
+    # the dry run leaves no experiment behind
+    assert not list(Path(nemorun_home).glob("experiments/*/*/"))
+
+
+def test_local_dryrun_uses_torchrun_for_megatron_stages(nemorun_home, capsys):
+    rc = main(["launch", "grpo", "--dryrun", "executor.nproc_per_node=2", f"executor.nemorun_home={nemorun_home}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    cmd = out.splitlines()[out.splitlines().index("# ---- grpo (command) ----") + 1]
+    assert cmd.startswith("torchrun ") and "--nproc-per-node 2" in cmd and "--nnodes 1" in cmd
+    assert cmd.endswith(f"-- grpo --config {ROOT}/nemo_configs/grpo/tiny_cpu.yaml")
+    rc = main(["launch", "eval", "--dryrun", f"executor.nemorun_home={nemorun_home}"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[out.splitlines().index("# ---- eval (command) ----") + 1].startswith(
+        "python -m launchers.entry")
+
+
+def test_profile_errors_name_the_key():
+    with pytest.raises(ConfigError, match="did you mean 'nodes'"):
+        load_profile("slurm", ["nodez=4"])
+    with pytest.raises(ConfigError, match="expects an integer"):
+        load_profile("slurm", ["nodes=four"])
+    with pytest.raises(ConfigError, match="known profiles: k8s, local, slurm"):
+        load_profile("nope")
+    assert load_profile("slurm", ["nodes=4", "tunnel=ssh", "ssh_host=login"]).nodes == 4
+
+
+def test_pipeline_wires_outputs_to_inputs():
+    cfg = load_config(PipelineConfig, ROOT / "nemo_configs/pipeline/embedded.yaml", ["run_dir=/runs/x"])
+    tasks = {t.name: t for t in plan(cfg, load_profile("local"))}
+    assert list(tasks) == ["curate", "sft", "grpo", "eval_base", "eval_sft", "eval_grpo", "export"]
+    assert tasks["curate"].requires == []
+    assert "output_dir=/runs/x/curate" in tasks["curate"].nrr_args
+    assert tasks["sft"].requires == ["/runs/x/curate"]
+    assert "data.train_path=/runs/x/curate/corpus.jsonl" in tasks["sft"].nrr_args
+    assert tasks["grpo"].requires == ["/runs/x/sft"]
+    assert "init_checkpoint=/runs/x/sft/checkpoint" in tasks["grpo"].nrr_args
+    assert tasks["eval_grpo"].requires == ["/runs/x/grpo"] and tasks["eval_base"].requires == []
+    assert tasks["export"].nrr_args[:3] == ["convert", "--config", f"{ROOT}/nemo_configs/convert/tiny.yaml"]
+    assert {t.spec.launcher for t in tasks.values()} == {"ray", "torchrun", "python"}
+
+
+def test_pipeline_reference_errors():
+    steps = [{"name": "a", "stage": "task"}, {"name": "b", "stage": "task", "overrides": ["x=${c.dir}"]}]
+    cfg = load_config(PipelineConfig, None, [f"steps={json.dumps(steps)}"])
+    with pytest.raises(ConfigError, match=r"steps\[1\] \(b\): depends on unknown step 'c'"):
+        plan(cfg, load_profile("local"))
+    steps[1]["overrides"] = ["x=${b.dir}"]
+    cfg = load_config(PipelineConfig, None, [f"steps={json.dumps(steps)}"])
+    with pytest.raises(ConfigError, match="must come earlier"):
+        plan(cfg, load_profile("local"))
+
+
+def _entry(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launchers.entry", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_entry_records_state_and_gates_on_upstream(tmp_path):
+    up, down = tmp_path / "up", tmp_path / "down"
+    proc = _entry("--stage-dir", str(up), "--", "task", "--n", "1", "--output", str(tmp_path / "p.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    assert stage_state(up) == "SUCCEEDED" and (tmp_path / "p.jsonl").read_text().count("\n") == 3
+
+    proc = _entry("--stage-dir", str(up), "--", "task", "--split", "bogus")
+    assert proc.returncode == 2 and "invalid choice: 'bogus'" in proc.stderr
+    assert stage_state(up) == "FAILED"
+    assert json.loads((up / ".nrr_stage" / "FAILED").read_text())["exit_code"] == 2
+
+    proc = _entry("--stage-dir", str(down), "--requires", str(up), "--", "task", "--n", "1")
+    assert proc.returncode == 3 and f"upstream stage output {up} is FAILED" in proc.stderr
+    assert stage_state(down) == "FAILED"
+
+
+def test_entry_serves_an_endpoint_and_stops_it(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _entry("--stage-dir", str(tmp_path), "--serve-cmd",
+                  f"{sys.executable} -m http.server {{port}} --bind 127.0.0.1", "--serve-port", str(port),
+                  "--serve-ready-path", "/", "--serve-timeout", "30", "--",
+                  "task", "--split", "${endpoint}")
+    # The stage saw the live URL (task rejects it as a split name) and the server is gone after.
+    assert proc.returncode == 2
+    assert f"invalid choice: 'http://127.0.0.1:{port}/v1'" in proc.stderr
+    info = json.loads((tmp_path / ".nrr_stage" / "FAILED").read_text())
+    assert info["argv"] == ["task", "--split", f"http://127.0.0.1:{port}/v1"]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_local_pipeline_stops_after_a_failed_stage(tmp_path, monkeypatch):
+    """Two wired stages on the LocalExecutor: the first fails, the second must not run."""
+    home = tmp_path / "nemorun"
+    monkeypatch.setenv("NEMORUN_HOME", str(home))
+    steps = [
+        {"name": "first", "stage": "task", "overrides": ["--split", "bogus"]},
+        {"name": "second", "stage": "task", "after": ["first"],
+         "overrides": ["--n", "1", "--output", "${dir}/problems.jsonl"]},
+    ]
+    cfg_path = tmp_path / "pipe.yaml"
+    cfg_path.write_text(json.dumps({"name": "failing", "run_dir": str(tmp_path / "run"), "steps": steps}))
+    proc = nrr("pipeline", "--config", str(cfg_path), f"executor.nemorun_home={home}")
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert stage_state(tmp_path / "run" / "first") == "FAILED"
+    assert stage_state(tmp_path / "run" / "second") == "FAILED"
+    assert not (tmp_path / "run" / "second" / "problems.jsonl").exists()
+    assert "invalid choice: 'bogus'" in proc.stdout  # the failed stage's log tail reaches the user
