@@ -102,7 +102,7 @@ class DecontamConfig:
     ngram: int = 13  # word n-grams; shorter problems must match a benchmark problem whole
     embedded_heldout: bool = True  # recipes.task.heldout_problems
     heldout_levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
-    heldout_per_level: int = 2000
+    heldout_per_level: int = 1000
 
 
 @dataclasses.dataclass

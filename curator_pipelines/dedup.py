@@ -77,12 +77,13 @@ def fuzzy_duplicates(docs: list[tuple[int, str, str]], cfg: DedupConfig) -> dict
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=cfg.lsh_threshold, num_perm=cfg.num_perm)
+    template = MinHash(num_perm=cfg.num_perm, seed=1)  # permutations drawn once, not per record
     kept: dict[int, tuple[set[str], set[str]]] = {}
     out = {}
     for pos, problem, response in docs:
         p_sh = shingles(_compact(problem), cfg.shingle_chars)
         r_sh = shingles(_compact(response), cfg.shingle_chars)
-        mh = MinHash(num_perm=cfg.num_perm, seed=1)
+        mh = MinHash(num_perm=cfg.num_perm, seed=1, permutations=template.permutations, scheme=template.scheme)
         mh.update_batch([("p:" + s).encode() for s in p_sh] + [("r:" + s).encode() for s in r_sh])
         best, best_j = None, 0.0
         for cand in sorted(lsh.query(mh)):

@@ -27,6 +27,7 @@ from pathlib import Path
 from curator_pipelines.config import CurateConfig
 
 RUN_MARKER = "NRR_CURATE_RUN"
+DRIVER_MARKER = "NRR_CURATE_DRIVER"  # the pid of the run's driver: its processes are orphans once it is gone
 RESULTS_FILE = "generations.jsonl"
 QUARANTINE_FILE = "quarantine.jsonl"
 
@@ -103,18 +104,40 @@ def embedded_teacher(cfg: CurateConfig, log_path: Path, startup_s: float = 60.0)
                 proc.wait()
 
 
-def _marked_processes(marker: str) -> list[int]:
-    pids = []
-    needle = f"{RUN_MARKER}={marker}".encode()
+def _run_processes() -> dict[int, dict[str, str]]:
+    """pid -> the curation markers in its environment, for every process a curation run started."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
+            env = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-    return pids
+        marks = {}
+        for item in env:
+            key, _, value = item.partition(b"=")
+            if key in (RUN_MARKER.encode(), DRIVER_MARKER.encode(), b"RAY_TMPDIR"):
+                marks[key.decode()] = value.decode(errors="replace")
+        if RUN_MARKER in marks:
+            found[int(entry.name)] = marks
+    return found
+
+
+def _marked_processes(marker: str) -> list[int]:
+    return [pid for pid, m in _run_processes().items() if m[RUN_MARKER] == marker]
+
+
+def stop_orphans() -> int:
+    """Stop what earlier runs left behind when their driver was killed (Ray's raylet, workers)."""
+    stopped = 0
+    for pid, marks in _run_processes().items():
+        driver = int(marks.get(DRIVER_MARKER, "0") or 0)
+        if driver and not Path(f"/proc/{driver}").exists():
+            stopped += stop_marked_processes(marks[RUN_MARKER])
+            if marks.get("RAY_TMPDIR", "").startswith("/tmp/nrr-ray-"):
+                shutil.rmtree(marks["RAY_TMPDIR"], ignore_errors=True)
+    return stopped
 
 
 def stop_marked_processes(marker: str, grace_s: float = 3.0) -> int:
@@ -135,10 +158,12 @@ def stop_marked_processes(marker: str, grace_s: float = 3.0) -> int:
 @contextlib.contextmanager
 def ray_session(cfg: CurateConfig):
     """Ray in its own temp dir, every process it starts marked; leftovers stopped afterwards."""
+    stop_orphans()
     marker = uuid.uuid4().hex
     tmp = tempfile.mkdtemp(prefix="nrr-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    saved = {k: os.environ.get(k) for k in (RUN_MARKER, "RAY_TMPDIR")}
+    saved = {k: os.environ.get(k) for k in (RUN_MARKER, DRIVER_MARKER, "RAY_TMPDIR")}
     os.environ[RUN_MARKER] = marker
+    os.environ[DRIVER_MARKER] = str(os.getpid())
     os.environ["RAY_TMPDIR"] = tmp
     try:
         if cfg.executor.name == "ray_data":

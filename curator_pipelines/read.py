@@ -100,6 +100,7 @@ def read_problems(cfg: InputConfig, quarantine_path: str | Path | None = None) -
     """All good records as a DataFrame, and how many went to quarantine."""
     rows: list[dict] = []
     quarantined: list[dict] = []
+    seen_ids: dict[str, str] = {}
 
     def bad(path: Path, line: int, error: str, raw) -> None:
         where = f"{path}:{line}" if line else str(path)
@@ -130,8 +131,13 @@ def read_problems(cfg: InputConfig, quarantine_path: str | Path | None = None) -
             if missing:
                 bad(path, lineno, f"missing field {', '.join(repr(m) for m in missing)}", raw if raw else json.dumps(obj, default=str))
                 continue
+            pid = str(pid) if pid is not None else f"{path.stem}-{lineno}"
+            if pid in seen_ids:  # (problem id, sample) keys the resume log: ids must be unique
+                bad(path, lineno, f"duplicate id {pid!r} (first at {seen_ids[pid]})", raw if raw else json.dumps(obj, default=str))
+                continue
+            seen_ids[pid] = f"{path}:{lineno}"
             rows.append({
-                "problem_id": str(pid) if pid is not None else f"{path.stem}-{lineno}",
+                "problem_id": pid,
                 "problem": str(problem),
                 "reference": answer,
                 "solution": None if solution is None else str(solution),
@@ -152,12 +158,7 @@ def read_problems(cfg: InputConfig, quarantine_path: str | Path | None = None) -
                 f.write(json.dumps(q, ensure_ascii=False) + "\n")
     if not rows:
         raise BadRecordError(f"{cfg.path}: no usable records ({len(quarantined)} quarantined)")
-    df = pd.DataFrame(rows)
-    dup = df["problem_id"].duplicated()
-    if dup.any():
-        first = df.loc[dup, "problem_id"].iloc[0]
-        raise BadRecordError(f"{cfg.path}: problem id {first!r} appears more than once ({int(dup.sum())} repeats)")
-    return df, len(quarantined)
+    return pd.DataFrame(rows), len(quarantined)
 
 
 class ReadProblemsStage(ProcessingStage[EmptyTask, DocumentBatch]):

@@ -160,10 +160,17 @@ def collect_results(exp, tasks: list[StageTask]) -> list[StageResult]:
         log = find_log(job.executor.job_dir)
         tail = ""
         if log and state != "SUCCEEDED":
-            lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
-            tail = "\n".join(lines[-LOG_TAIL_LINES:])
+            tail = log_excerpt(Path(log).read_text(encoding="utf-8", errors="replace").splitlines())
         results.append(StageResult(job.id, state, exit_code, log, tail))
     return results
+
+
+def log_excerpt(lines: list[str], tail: int = LOG_TAIL_LINES, errors: int = 20) -> str:
+    """The error lines of a log (torchrun's failure summary can push them out of the tail) + its tail."""
+    head = len(lines) - tail
+    found = [line for line in lines[:max(head, 0)] if "error" in line.lower() or "Traceback" in line][-errors:]
+    parts = (["[error lines]", *found, "[last lines]"] if found else []) + lines[-tail:]
+    return "\n".join(parts)
 
 
 def find_log(job_dir: str) -> str | None:
@@ -171,11 +178,11 @@ def find_log(job_dir: str) -> str | None:
     root = Path(job_dir)
     if not root.exists():
         return None
-    candidates = [p for pattern in ("**/log-*.out", "**/combined.log", "**/stdout.log", "**/*.out")
-                  for p in root.glob(pattern) if p.is_file()]
-    if not candidates:
-        return None
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    for pattern in ("**/log-*.out", "**/combined.log", "**/stdout.log", "**/*.out"):
+        candidates = [p for p in root.glob(pattern) if p.is_file()]
+        if candidates:  # the job's own log before the batch script's
+            return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    return None
 
 
 def print_results(exp_id: str, results: list[StageResult], profile: Profile, file=None) -> None:

@@ -58,6 +58,7 @@ class GRPOSettings:
     std_normalize: bool = True  # GRPO/DAPO: A = (r - mean) / std; Dr.GRPO: A = r - mean
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill
     max_refill_rounds: int = 4
+    max_minutes: float | None = None  # stop early (after a whole step) once the loop has run this long
 
 
 @dataclasses.dataclass
@@ -322,6 +323,7 @@ def train(cfg: GRPOConfig) -> dict:
         summary["eval_before"] = heldout_accuracy(backend, cfg.eval.levels, cfg.eval.per_level, cfg.rollout.max_tokens)
         logger.log(0, summary["eval_before"], prefix="eval/")
     t_run = time.time()
+    done = start
     with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
         bar_task = bar.add_task("grpo", total=g.steps, completed=start, info="")
         for step in range(start, g.steps):
@@ -372,19 +374,32 @@ def train(cfg: GRPOConfig) -> dict:
                 checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
                                               extra={"rng": rng_state(), "prompt_step": done},
                                               keep_last=cfg.checkpoint.keep_last)
-    summary["train_seconds"] = round(time.time() - t_run, 1)
-    checkpointing.save_checkpoint(ckpt_dir, g.steps, chunks, optimizer, scheduler,
-                                  extra={"rng": rng_state(), "prompt_step": g.steps}, keep_last=cfg.checkpoint.keep_last)
+            if g.max_minutes and _out_of_time(t_run, g.max_minutes):
+                runtime.print_rank0(f"[grpo] time budget of {g.max_minutes} min reached after step {done}")
+                break
+    summary.update(train_seconds=round(time.time() - t_run, 1), steps_done=done)
+    if done > start or checkpointing.latest_step(ckpt_dir) != done:
+        checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
+                                      extra={"rng": rng_state(), "prompt_step": done},
+                                      keep_last=cfg.checkpoint.keep_last)
     if rank0:
         summary["eval_after"] = heldout_accuracy(backend, cfg.eval.levels, cfg.eval.per_level, cfg.rollout.max_tokens)
-        logger.log(g.steps, summary["eval_after"], prefix="eval/")
+        logger.log(done, summary["eval_after"], prefix="eval/")
         logger.close()
         summary["reward_curve"] = str(plot_reward_curve(run_dir))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        runtime.print_rank0(f"[grpo] done: {g.steps} steps in {summary['train_seconds']} s; held-out "
+        runtime.print_rank0(f"[grpo] done: {done} steps in {summary['train_seconds']} s; held-out "
                             f"{summary.get('eval_before')} -> {summary['eval_after']}; run dir {run_dir}")
         backend.close()
     return summary
+
+
+def _out_of_time(t_start: float, minutes: float) -> bool:
+    """Every rank must stop at the same step: rank 0 decides."""
+    stop = torch.tensor([float(time.time() - t_start > minutes * 60)])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast(stop, src=0)
+    return bool(stop.item())
 
 
 def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: list, sample_stats: dict) -> dict:

@@ -10,6 +10,7 @@ Both backends share one interface (`generate`, `load_weights`, `prompt_logprobs`
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import time
 from pathlib import Path
@@ -134,8 +135,13 @@ class VLLMGenerator:
                        enable_prefix_caching=True, load_format="auto" if load_weights else "dummy")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        weights = iter(weights) if self.in_process else [(n, t.detach().cpu()) for n, t in weights]
-        self.llm.collective_rpc(_reload_in_worker, args=(weights,))
+        if self.in_process:
+            payload = iter(weights)
+        else:  # one bytes blob: vLLM's RPC encoder does not carry (name, tensor) lists intact
+            buf = io.BytesIO()
+            torch.save([(n, t.detach().cpu()) for n, t in weights], buf)
+            payload = buf.getvalue()
+        self.llm.collective_rpc(_reload_in_worker, args=(payload,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def generate(self, prompts, n, seed, max_tokens=None, temperature=None):
@@ -166,6 +172,8 @@ def _reload_in_worker(worker, weights) -> None:
     embeddings that is the LM head (HF checkpoints carry no lm_head.weight), which would keep
     sampling with stale weights.
     """
+    if isinstance(weights, bytes):
+        weights = torch.load(io.BytesIO(weights), weights_only=True)
     worker.reload_weights(weights_iterator=iter(weights))
     model = worker.get_model()
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "lm_head"):

@@ -56,7 +56,7 @@ class DefectRates:
 class TraceConfig:
     self_check_rate: float = 0.08  # clean traces that end with "wait, let me verify: expr=N"
     defects: DefectRates = dataclasses.field(default_factory=DefectRates)
-    loop_repeats: tuple[int, int] = (12, 24)  # how often a looping trace repeats its last step
+    loop_repeats: tuple[int, int] = (4, 24)  # how often a looping trace repeats its last step
     seed: int = 0  # the server's own seed, mixed into every draw
 
 

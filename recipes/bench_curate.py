@@ -1,0 +1,139 @@
+"""Curation benchmark: records/s of each filter stage, and the grader's fast path against math-verify.
+
+    nrr bench curate [n_problems=600] [n_samples=2]
+
+Filter throughput is measured on embedded-teacher traces (defects included), applying each
+judge to every record. The grader part grades every benchmark reference answer against itself
+(boxed, as a model would write it) and against another problem's answer, once with
+`recipes.grader.grade` (fast path first) and once with math-verify alone, and reports the
+speed-up and whether the verdicts agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _traces(n_problems: int, n_samples: int) -> list[dict]:
+    from curator_pipelines.filters import parse_response
+    from recipes import task
+    from recipes.config import load_config
+    from recipes.teacher.server import TeacherConfig
+    from recipes.teacher.traces import make_trace
+
+    cfg = load_config(TeacherConfig, Path(__file__).resolve().parents[1] / "nemo_configs/teacher/embedded.yaml")
+    problems = task.train_problems([1, 2, 3], max(1, n_problems // 3), seed=1)
+    records = []
+    for p in problems:
+        for s in range(n_samples):
+            t = make_trace(p.question, s, cfg.traces, max_tokens=512)
+            records.append({"problem_id": p.id, "problem": p.question, "reference": p.answer, "response": t.text,
+                            "finish_reason": t.finish_reason, **parse_response(t.text)})
+    return records
+
+
+def bench_filters(n_problems: int = 600, n_samples: int = 2) -> dict:
+    from curator_pipelines.config import DecontamConfig, DedupConfig, FilterConfig
+    from curator_pipelines.decontam import build_index
+    from curator_pipelines.dedup import exact_duplicates, fuzzy_duplicates
+    from curator_pipelines.filters import JUDGES, parse_response
+
+    import datasketch  # noqa: F401 - its import (scipy) is not the filter's cost
+
+    records = _traces(n_problems, n_samples)
+    cfg = FilterConfig()
+    out: dict[str, dict] = {}
+
+    def timed(name: str, fn) -> None:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        out[name] = {"records": len(records), "seconds": round(seconds, 4),
+                     "records_per_s": round(len(records) / seconds, 1) if seconds > 0 else None}
+
+    timed("parse", lambda: [parse_response(r["response"]) for r in records])
+    for name, judge in JUDGES.items():
+        timed(f"filter_{name}", lambda judge=judge: [judge(r, cfg) for r in records])
+    docs = [(i, r["problem"], r["response"]) for i, r in enumerate(records)]
+    timed("dedup_exact", lambda: exact_duplicates(docs))
+    timed("dedup_fuzzy", lambda: fuzzy_duplicates(docs, DedupConfig()))
+    index = build_index(DecontamConfig(benchmarks_dir=str(SHARED_DATA / "benchmarks")))
+    timed("decontam_match", lambda: [index.match(r["problem"]) for r in records])
+    return out
+
+
+def _benchmark_answers(limit_per_file: int) -> list[str]:
+    answers = []
+    for path in sorted((SHARED_DATA / "benchmarks").glob("*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for row in rows[:limit_per_file]:
+            if "final_answer" in row:
+                ans = row["final_answer"]
+                ans = ans[0] if isinstance(ans, list) and len(ans) == 1 else ans
+            elif path.stem == "gsm8k":
+                ans = row["answer"].split("####")[-1].strip()
+            elif "answer" in row:
+                ans = row["answer"]
+            else:
+                from recipes.grader import last_boxed
+
+                ans = last_boxed(row.get("solution", ""))
+            if isinstance(ans, (str, int, float)) and str(ans).strip():
+                answers.append(str(ans).strip())
+    return answers
+
+
+def bench_grader(limit_per_file: int = 200, timeout: float = 5.0) -> dict:
+    """grade() (fast path, then math-verify) against math-verify alone on benchmark answer pairs."""
+    from math_verify import parse, verify
+
+    from recipes import grader
+
+    answers = _benchmark_answers(limit_per_file)
+    # a correct pair (the answer itself) and a wrong one (the next problem's answer) per answer
+    pairs = [(a, a) for a in answers] + [(answers[(i + 1) % len(answers)], a) for i, a in enumerate(answers)]
+    grader.grade("1", "1")  # imports out of the timing
+
+    def mv(pred: str, ref: str) -> bool:
+        try:
+            gold = parse(f"${ref}$", parsing_timeout=int(timeout))
+            ans = parse(f"${pred}$", parsing_timeout=int(timeout))
+            return bool(gold) and bool(ans) and bool(verify(gold, ans, timeout_seconds=int(timeout)))
+        except Exception:  # noqa: BLE001 - a checker failure is a wrong answer, as in the grader
+            return False
+
+    mv("1", "1")
+    grader.reset_stats()
+    start = time.perf_counter()
+    fast = [grader.grade(p, r, timeout=timeout) for p, r in pairs]
+    t_fast = time.perf_counter() - start
+    stats = grader.stats()
+    start = time.perf_counter()
+    slow = [mv(p, r) for p, r in pairs]
+    t_slow = time.perf_counter() - start
+    disagree = [{"predicted": p, "reference": r, "grade": f, "math_verify": s}
+                for (p, r), f, s in zip(pairs, fast, slow) if f != s]
+    return {
+        "pairs": len(pairs),
+        "grade_seconds": round(t_fast, 4),
+        "math_verify_seconds": round(t_slow, 4),
+        "speedup": round(t_slow / t_fast, 2) if t_fast > 0 else None,
+        "fast_path_rate": round(grader.fast_path_rate(), 4),
+        "methods": stats,
+        "identical_verdicts": not disagree,
+        "disagreements": len(disagree),
+        "disagreement_examples": disagree[:10],
+    }
+
+
+def bench_curate(n_problems: int = 600, n_samples: int = 2, grader_limit_per_file: int = 200) -> dict:
+    """Filter-stage throughput and the grader's fast-path speed-up (one dict, for `nrr bench curate`)."""
+    return {"filters": bench_filters(n_problems, n_samples), "grader": bench_grader(grader_limit_per_file)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench_curate(), indent=2))

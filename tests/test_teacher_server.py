@@ -1,0 +1,143 @@
+"""The embedded teacher: R1-style traces, labelled defects, the OpenAI-compatible API, faults."""
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from recipes import grader, task
+from recipes.chat_template import split_response
+from recipes.config import load_config
+from recipes.teacher.server import FaultConfig, TeacherConfig, TeacherServer
+from recipes.teacher.traces import RESPONSE_DEFECTS, DefectRates, TraceConfig, make_trace, parse_expression
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_YAML = ROOT / "nemo_configs/teacher/embedded.yaml"
+
+
+def _cfg() -> TeacherConfig:
+    return load_config(TeacherConfig, TEACHER_YAML)
+
+
+def test_parse_expression_from_a_user_message():
+    assert parse_expression("(3+4)*5-2") == "(3+4)*5-2"
+    assert parse_expression("Compute (3 + 4) * 5 - 2. Put the answer in \\boxed{}.") == "(3+4)*5-2"
+    assert parse_expression("What is the capital of France?") is None
+
+
+def test_clean_traces_are_canonical_compact_and_correct():
+    cfg = _cfg()
+    think_chars = cot_chars = 0
+    problems = task.train_problems([1, 2, 3], 300, seed=5)
+    for p in problems:
+        for s in range(2):
+            t = make_trace(p.question, s, cfg.traces)
+            if t.defect != "none":
+                continue
+            thinking, answer_part, closed = split_response(t.text)
+            assert closed and t.finish_reason == "stop"
+            assert thinking.startswith(task.cot_text(p))  # the canonical reduction, maybe a self-check after
+            assert grader.grade(grader.extract_answer(answer_part), p.answer)
+            think_chars += len(thinking)
+            cot_chars += len(task.cot_text(p))
+    assert think_chars / cot_chars <= 1.5
+
+
+def test_defects_are_deterministic_labelled_and_look_like_their_label():
+    cfg = _cfg()
+    labels = collections.Counter()
+    for p in task.train_problems([1, 2, 3], 300, seed=6):
+        for s in range(3):
+            t = make_trace(p.question, s, cfg.traces, max_tokens=512)
+            assert t == make_trace(p.question, s, cfg.traces, max_tokens=512)  # same request, same answer
+            labels[t.defect] += 1
+            thinking, answer_part, closed = split_response(t.text)
+            if t.defect == "wrong_answer":
+                assert closed and not grader.grade(grader.extract_answer(answer_part), p.answer)
+            elif t.defect == "unclosed_think":
+                assert not closed and "\\boxed" in t.text
+            elif t.defect == "truncated":
+                assert t.finish_reason == "length"
+            elif t.defect == "language_mix":
+                assert any(ord(ch) > 0x3FF for ch in t.text)
+            elif t.defect == "exact_duplicate" and t.injected:
+                assert t.text == make_trace(p.question, s - 1, cfg.traces).text
+            elif t.defect == "near_duplicate":
+                prev = make_trace(p.question, s - 1, cfg.traces).text
+                assert t.text != prev and t.text.replace(" ", "").rstrip(".") == prev.replace(" ", "")
+    for d in RESPONSE_DEFECTS:
+        assert labels[d] > 0, d
+    # a compact teacher often repeats itself: later samples equal to an earlier one are real duplicates
+    assert labels["none"] + labels["exact_duplicate"] > 0.7 * sum(labels.values())
+    assert labels["none"] > 0.3 * sum(labels.values())
+
+
+def test_heldout_problems_are_labelled_contaminated():
+    cfg = _cfg()
+    held = task.heldout_problems([2], 5)
+    assert all(make_trace(p.question, 0, cfg.traces).defect == "contaminated" for p in held)
+
+
+def test_long_responses_are_cut_at_max_tokens():
+    cfg = TraceConfig(defects=DefectRates())
+    t = make_trace("(3+4)*5-2", 0, cfg, max_tokens=5)
+    assert t.finish_reason == "length" and t.defect == "truncated"
+
+
+def test_http_api_with_the_openai_client(tmp_path):
+    from openai import OpenAI
+
+    cfg = _cfg()
+    cfg.log_path = str(tmp_path / "teacher.jsonl")
+    with TeacherServer(cfg) as server:
+        client = OpenAI(base_url=server.base_url, api_key="unused")
+        assert [m.id for m in client.models.list().data] == [cfg.model]
+        resp = client.chat.completions.create(model=cfg.model, messages=[{"role": "user", "content": "2+3*4"}],
+                                              seed=0, max_tokens=256)
+        assert "\\boxed{14}" in resp.choices[0].message.content
+        raw = httpx.post(server.base_url + "/chat/completions",
+                         json={"messages": [{"role": "user", "content": "2+3*4"}], "seed": 0, "n": 3}).json()
+        assert len(raw["choices"]) == 3 and all("nrr_defect" in c for c in raw["choices"])
+        assert raw["choices"][0]["message"]["content"] == resp.choices[0].message.content
+        assert httpx.post(server.base_url + "/chat/completions", content=b"[1]").status_code == 400
+        assert httpx.get(server.base_url + "/nothing").status_code == 404
+    log = [json.loads(line) for line in Path(cfg.log_path).read_text().splitlines()]
+    assert len(log) == 4 and all(e["defect"] for e in log)  # one line per returned choice
+
+
+def test_injected_faults():
+    cfg = TeacherConfig(faults=FaultConfig(rate_429=1.0, retry_after_s=2))
+    with TeacherServer(cfg) as server:
+        r = httpx.post(server.base_url + "/chat/completions", json={"messages": [{"role": "user", "content": "1+1"}]})
+        assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    cfg = TeacherConfig(faults=FaultConfig(rate_500=1.0))
+    with TeacherServer(cfg) as server:
+        r = httpx.post(server.base_url + "/chat/completions", json={"messages": [{"role": "user", "content": "1+1"}]})
+        assert r.status_code == 500
+    cfg = TeacherConfig(faults=FaultConfig(rate_hang=1.0, hang_s=5))
+    with TeacherServer(cfg) as server, pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/chat/completions", json={"messages": [{"role": "user", "content": "1+1"}]},
+                   timeout=0.3)
+
+
+def test_nrr_teacher_serve_cli():
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.cli", "teacher", "serve", "--config", str(TEACHER_YAML),
+                             "port=0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, proc.stderr.read()
+        url = line.strip().rsplit(" ", 1)[-1]
+        assert httpx.get(url + "/models").json()["data"][0]["id"] == "nrr-embedded-teacher"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "responses by label" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
