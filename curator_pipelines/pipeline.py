@@ -128,15 +128,23 @@ def _marked_processes(marker: str) -> list[int]:
     return [pid for pid, m in _run_processes().items() if m[RUN_MARKER] == marker]
 
 
-def stop_orphans() -> int:
-    """Stop what earlier runs left behind when their driver was killed (Ray's raylet, workers)."""
+RAY_DIR_PREFIX = "nrr-ray-"
+
+
+def stop_orphans(stale_after_s: float = 600.0) -> int:
+    """Stop what earlier runs left behind when their driver was killed (Ray's raylet, workers), and
+    remove their Ray temp dirs once no process uses them (after a while: a run may be starting)."""
     stopped = 0
-    for pid, marks in _run_processes().items():
+    processes = _run_processes()
+    for pid, marks in processes.items():
         driver = int(marks.get(DRIVER_MARKER, "0") or 0)
         if driver and not Path(f"/proc/{driver}").exists():
             stopped += stop_marked_processes(marks[RUN_MARKER])
-            if marks.get("RAY_TMPDIR", "").startswith("/tmp/nrr-ray-"):
-                shutil.rmtree(marks["RAY_TMPDIR"], ignore_errors=True)
+    in_use = {m.get("RAY_TMPDIR") for m in _run_processes().values()}
+    for d in Path("/tmp").glob(f"{RAY_DIR_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if str(d) not in in_use and time.time() - d.stat().st_mtime > stale_after_s:
+                shutil.rmtree(d, ignore_errors=True)
     return stopped
 
 
@@ -160,7 +168,7 @@ def ray_session(cfg: CurateConfig):
     """Ray in its own temp dir, every process it starts marked; leftovers stopped afterwards."""
     stop_orphans()
     marker = uuid.uuid4().hex
-    tmp = tempfile.mkdtemp(prefix="nrr-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    tmp = tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp")  # short: Ray's socket paths have a length limit
     saved = {k: os.environ.get(k) for k in (RUN_MARKER, DRIVER_MARKER, "RAY_TMPDIR")}
     os.environ[RUN_MARKER] = marker
     os.environ[DRIVER_MARKER] = str(os.getpid())
@@ -237,6 +245,14 @@ def run_curation(cfg: CurateConfig, show_progress: bool = True) -> dict:
     save_config(cfg, out / "config.yaml")
     if cfg.embedded_problems.enabled:
         write_embedded_problems(cfg)
+    # a malformed input fails here, in seconds, before Ray and the teacher start (the read stage reads it again)
+    from curator_pipelines.read import read_problems
+
+    read_problems(cfg.input)
+    if cfg.generation.source == "endpoint":
+        from curator_pipelines.generate import api_key
+
+        api_key(cfg.generation)  # the named env var must be set (its value stays in memory only)
     with contextlib.ExitStack() as stack:
         if cfg.generation.source == "endpoint" and cfg.generation.embedded_teacher:
             url = stack.enter_context(embedded_teacher(cfg, out / "teacher_log.jsonl"))
@@ -253,6 +269,8 @@ def run_curation(cfg: CurateConfig, show_progress: bool = True) -> dict:
 
 def root_cause(err: BaseException) -> BaseException:
     """The user-facing error inside Ray's wrappers (a bad record, a generation error)."""
+    import re
+
     from curator_pipelines.generate import GenerationError
     from curator_pipelines.read import BadRecordError
 
@@ -260,11 +278,15 @@ def root_cause(err: BaseException) -> BaseException:
     stack = [err]
     while stack:
         e = stack.pop()
-        if id(e) in seen or e is None:
+        if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)
         if isinstance(e, (BadRecordError, GenerationError)) and not hasattr(e, "cause"):
             return e
-        stack += [cause, e.__cause__, e.__context__]
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    # Ray may hand back only the remote traceback as text: take the error line from it
+    for cls in (BadRecordError, GenerationError):
+        found = re.findall(rf"{cls.__module__}\.{cls.__name__}: (.+)", str(err))
+        if found:
+            return cls(found[-1].strip())
     return err

@@ -20,10 +20,6 @@ def record_id(problem_id: str, sample_index: int) -> str:
     return f"{problem_id}#{sample_index}"
 
 
-def start_counts(df: pd.DataFrame) -> int:
-    return int(df["kept"].sum()) if "kept" in df.columns else len(df)
-
-
 def log_stage(metadata: dict, stage: str, n_in: int, n_out: int, reasons: dict | None = None,
               seconds: float | None = None, **extra) -> None:
     """Append one stage's counts to the batch metadata (the report reads them back)."""

@@ -266,8 +266,8 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------ the loop
 
 
-def evaluate_loss(chunks, rows: list, cfg: SFTConfig, loss_fn=None) -> float:
-    """Token-mean loss over validation rows (forward only)."""
+def evaluate(chunks, rows: list, cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None) -> dict:
+    """Token-mean loss (and the loss's own metrics) over validation rows, forward only."""
     from megatron.core import parallel_state as ps
 
     from recipes.data.sft_dataset import micro_batches
@@ -276,18 +276,20 @@ def evaluate_loss(chunks, rows: list, cfg: SFTConfig, loss_fn=None) -> float:
     mbs, dp = cfg.training.micro_batch_size, ps.get_data_parallel_world_size()
     n = (min(len(rows), cfg.validation.max_rows) // (mbs * dp)) * (mbs * dp)
     if n == 0:
-        return float("nan")
-    for c in chunks:
-        c.eval()
+        return {}
     import torch
 
+    batches = micro_batches(rows[:n], mbs, ps.get_data_parallel_rank(), dp)
+    if prepare_batches is not None:
+        batches = prepare_batches(batches)
+    for c in chunks:
+        c.eval()
     with torch.no_grad():
-        report = train_step.forward_backward(
-            chunks, micro_batches(rows[:n], mbs, ps.get_data_parallel_rank(), dp), cfg.data.seq_length,
-            forward_only=True, loss_fn=loss_fn)
+        report = train_step.forward_backward(chunks, batches, cfg.data.seq_length, forward_only=True,
+                                             loss_fn=loss_fn)
     for c in chunks:
         c.train()
-    return report["loss"]
+    return {"loss": report["loss"], **(extra_metrics() if extra_metrics is not None else {})}
 
 
 def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None, on_init=None,
@@ -355,6 +357,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
                             f"{steps} steps of {rows_per_step} rows (micro batch {mbs}, grad accumulation "
                             f"{grad_acc}, dp {dp})")
     summary: dict = {"data": data.stats, "steps": steps, "start_step": start}
+    hooks = (loss_fn, prepare_batches, extra_metrics)
     report = {"loss": float("nan")}
     t_start = time.time()
     with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
@@ -380,7 +383,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
                                     f"lr {report['lr']:.2e} grad_norm {report['grad_norm']:.3f}")
             if cfg.validation.every_steps and done % cfg.validation.every_steps == 0 and done < steps \
                     and data.valid_rows:
-                logger.log(done, {"loss": evaluate_loss(chunks, data.valid_rows, cfg, loss_fn)}, prefix="valid/")
+                logger.log(done, evaluate(chunks, data.valid_rows, cfg, *hooks), prefix="valid/")
             if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < steps:
                 checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
                                               extra={"rng": rng_state(), "consumed_rows": done * rows_per_step},
@@ -392,8 +395,9 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
                                       keep_last=cfg.checkpoint.keep_last)
     summary.update(final_loss=report["loss"], train_seconds=round(elapsed, 2))
     if data.valid_rows:
-        summary["valid_loss"] = evaluate_loss(chunks, data.valid_rows, cfg, loss_fn)
-        logger.log(steps, {"loss": summary["valid_loss"]}, prefix="valid/")
+        valid = evaluate(chunks, data.valid_rows, cfg, *hooks)
+        summary["valid_loss"] = valid.get("loss")
+        logger.log(steps, valid, prefix="valid/")
     logger.close()
     _barrier()
     if cfg.export_hf:

@@ -319,3 +319,19 @@ def test_secret_env_never_in_config_dump(tmp_path):
         assert "NRR_TEST_KEY_2" in text and "sk-another-secret" not in text
     finally:
         del os.environ["NRR_TEST_KEY_2"]
+
+
+def test_nrr_curate_names_file_and_line_of_a_bad_record(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text('{"id": "a", "problem": "1+1", "answer": "2"}\n{"id": "b", "problem": "2+2"}\n')
+    r = subprocess.run([sys.executable, "-m", "recipes.cli", "curate", "--config", "nemo_configs/curate/gsm8k_sft.yaml",
+                        f"input.path={bad}", "input.id_field=id", "input.problem_field=problem",
+                        "input.answer_field=answer", "input.answer_regex=null", "input.solution_field=null",
+                        f"output.dir={tmp_path / 'out'}"],
+                       cwd=root, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 1
+    assert f"{bad}:2: missing field 'answer'" in r.stderr

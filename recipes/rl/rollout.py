@@ -169,8 +169,8 @@ def _reload_in_worker(worker, weights) -> None:
     """Runs inside vLLM's worker: in-place reload, then re-tie the output layer to the embedding.
 
     vLLM's layer-wise reload restores the old tensor of a layer that received no weights; with tied
-    embeddings that is the LM head (HF checkpoints carry no lm_head.weight), which would keep
-    sampling with stale weights.
+    embeddings that is the LM head (HF checkpoints carry no lm_head.weight), and on CPU its GEMM kernel
+    was built from the old tensor. Re-tie it and rebuild its kernel, or sampling uses stale weights.
     """
     if isinstance(weights, bytes):
         weights = torch.load(io.BytesIO(weights), weights_only=True)
@@ -178,6 +178,7 @@ def _reload_in_worker(worker, weights) -> None:
     model = worker.get_model()
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
 
 
 def make_backend(cfg: RolloutConfig, hf_dir: str | Path, max_model_len: int = 512, seed: int = 0,

@@ -83,8 +83,10 @@ def packed_check(chunks, hf) -> dict:
               "position_ids": torch.cat([torch.arange(20), torch.arange(12)])[None],
               "attention_mask": ts.packed_attention_mask(seg)}
     packed_cu = dict(packed, attention_mask=None, cu_seqlens=ts.cu_seqlens_from_segments(seg))
+    no_mask = dict(packed, attention_mask=None)  # plain causal: b would see a, so the loss must differ
     out = {}
-    for name, batch in (("unpacked", unpacked), ("packed", packed), ("packed_cu", packed_cu)):
+    for name, batch in (("unpacked", unpacked), ("packed", packed), ("packed_cu", packed_cu),
+                        ("packed_no_mask", no_mask)):
         for c in chunks:
             c.zero_grad_buffer()
         r = ts.forward_backward(chunks, [batch], S)
