@@ -87,7 +87,7 @@ class FilterConfig:
 class DedupConfig:
     exact: bool = True
     fuzzy: bool = True
-    backend: Literal["auto", "cpu", "gpu"] = "auto"  # gpu: Curator's cuDF dedup (needs a GPU)
+    backend: Literal["auto", "cpu", "gpu"] = "auto"  # auto, cpu: the CPU stages; gpu: refused (Curator cuDF dedup is not part of this pipeline)
     num_perm: int = 128
     shingle_chars: int = 3
     threshold: float = 0.8  # Jaccard similarity of problem + response shingles

@@ -14,6 +14,7 @@ logged or written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -177,6 +178,34 @@ async def _generate_all(cfg: GenerationConfig, jobs: list[tuple[str, int, str]],
         await asyncio.gather(*(run(pid, s, problem) for pid, s, problem in jobs))
 
 
+@contextlib.contextmanager
+def watch_progress(results_path: Path, total: int, enabled: bool = True):
+    """A progress bar in the driver that follows the resume log a generation stage writes elsewhere."""
+    if not enabled:
+        yield
+        return
+    from recipes.metrics import progress
+
+    stop = threading.Event()
+
+    def follow() -> None:
+        with progress() as bar:
+            task = bar.add_task("generate", total=total, info="")
+            while not stop.wait(0.5):
+                done = results_path.read_bytes().count(b"\n") if results_path.exists() else 0
+                bar.update(task, completed=min(done, total))
+                if done >= total:
+                    return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+
+
 def _run_coroutine(coro) -> None:
     """asyncio.run, also from a thread that already runs an event loop (an async Ray actor)."""
     try:
@@ -213,7 +242,8 @@ def generate(cfg: GenerationConfig, problems: pd.DataFrame, results_path: Path, 
     from recipes.metrics import progress
 
     try:
-        with progress(disable=not show_progress) as bar:
+        # a bar when run in a terminal (in a Ray worker, the driver shows one: `watch_progress`)
+        with progress(disable=not (show_progress and sys.stderr.isatty())) as bar:
             bar_task = bar.add_task("generate", total=len(jobs), info="")
 
             def on_done(status: str) -> None:
@@ -288,7 +318,7 @@ class GenerateStage(ProcessingStage[DocumentBatch, DocumentBatch]):
                        for pid, sol, ans in zip(problems["problem_id"], problems["solution"], problems["reference"])}
             stats = {"requested": 0, "resumed": 0, "ok": len(results), "failed": 0}
         else:
-            stats = generate(self.cfg, problems, path, self.show_progress and sys.stderr.isatty())
+            stats = generate(self.cfg, problems, path, self.show_progress)
             results = load_results(path)
         df = results_frame(problems, results, n)
         metadata = dict(task._metadata)

@@ -248,7 +248,7 @@ def run_curation(cfg: CurateConfig, show_progress: bool = True) -> dict:
     # a malformed input fails here, in seconds, before Ray and the teacher start (the read stage reads it again)
     from curator_pipelines.read import read_problems
 
-    read_problems(cfg.input)
+    problems, _ = read_problems(cfg.input)
     if cfg.generation.source == "endpoint":
         from curator_pipelines.generate import api_key
 
@@ -259,6 +259,11 @@ def run_curation(cfg: CurateConfig, show_progress: bool = True) -> dict:
             cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, base_url=url))
         stack.enter_context(ray_session(cfg))
         started = time.perf_counter()
+        if cfg.generation.source == "endpoint":
+            from curator_pipelines.generate import watch_progress
+
+            total = len(problems) * cfg.generation.n_samples
+            stack.enter_context(watch_progress(out / RESULTS_FILE, total, show_progress and sys.stderr.isatty()))
         build_pipeline(cfg, show_progress).run(make_executor(cfg))
         seconds = time.perf_counter() - started
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))

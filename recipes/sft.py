@@ -317,6 +317,14 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     if on_init is not None:
         on_init()
     rank0 = runtime.rank() == 0
+    from recipes.megatron.providers import have_te
+
+    if have_te() and cfg.data.packing and cfg.training.micro_batch_size > 1:
+        raise ConfigError("with Transformer Engine packed rows run as THD, one row per micro batch: set "
+                          "training.micro_batch_size=1 (or data.packing=false)")
+    if cfg.parallel.distributed_optimizer:
+        runtime.print_rank0(f"[{stage}] note: parallel.distributed_optimizer is not wired into the engine's "
+                            "optimizer yet; Adam states stay replicated across DP")
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if rank0:
@@ -328,6 +336,9 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     hf_path = resolve_path(cfg.model.hf_config)
     vocab = int(load_hf_config(hf_path)["vocab_size"])
     check_vocab(vocab, hf_path.parent if hf_path.is_file() else hf_path)
+    if cfg.model.init_checkpoint:  # a checkpoint trained with another tokenizer must not be fed ours
+        init = resolve_path(cfg.model.init_checkpoint)
+        check_vocab(vocab, init / "tokenizer" if (init / "tokenizer").is_dir() else init)
     data = prepare_data(cfg, vocab, rank=runtime.rank())
     rows_per_step, grad_acc = resolve_batch(cfg)
     steps = total_steps(cfg, len(data.train_rows))
@@ -367,20 +378,21 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
             batches = micro_batches(sampler.global_batch(step), mbs, dp_rank, dp)
             if prepare_batches is not None:
                 batches = prepare_batches(batches)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
             report = train_step.optimizer_step(chunks, optimizer, batches, cfg.data.seq_length, scheduler, loss_fn)
             dt = time.time() - t0
             done = step + 1
-            metrics = {"loss": report["loss"], "lr": report["lr"], "grad_norm": report["grad_norm"],
+            metrics = {"loss": report["loss"], "lr": lr, "grad_norm": report["grad_norm"],
                        "tokens_per_s": rows_per_step * cfg.data.seq_length / dt,
                        "loss_tokens": report["num_tokens"], "step_time_s": dt,
                        "epoch": done / sampler.steps_per_epoch}
             if extra_metrics is not None:
                 metrics.update(extra_metrics())
             logger.log(done, metrics)
-            bar.update(task, completed=done, info=f"loss {report['loss']:.4f} lr {report['lr']:.2e}")
+            bar.update(task, completed=done, info=f"loss {report['loss']:.4f} lr {lr:.2e}")
             if cfg.logging.every_steps and done % cfg.logging.every_steps == 0 and not cfg.logging.progress:
                 runtime.print_rank0(f"[{stage}] step {done}/{steps} loss {report['loss']:.4f} "
-                                    f"lr {report['lr']:.2e} grad_norm {report['grad_norm']:.3f}")
+                                    f"lr {lr:.2e} grad_norm {report['grad_norm']:.3f}")
             if cfg.validation.every_steps and done % cfg.validation.every_steps == 0 and done < steps \
                     and data.valid_rows:
                 logger.log(done, evaluate(chunks, data.valid_rows, cfg, *hooks), prefix="valid/")

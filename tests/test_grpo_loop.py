@@ -79,7 +79,7 @@ def _grpo(run_dir, *overrides):
             "grpo.micro_batch_size=8", "grpo.minibatches=2", "rollout.max_tokens=24",
             "loss.max_response_tokens=24", "rewards.weights={language: 1.0, overlong: 1.0, accuracy: 1.0}",
             "rewards.overlong_max_tokens=24", "rewards.overlong_cache_tokens=12", "eval.per_level=4",
-            "eval.every_steps=0", "logging.progress=false", "training.lr=1e-3", "training.min_lr=1e-3",
+            "eval.every_steps=0", "logging.progress=false", "training.lr=1.0e-3", "training.min_lr=1.0e-3",
             "checkpoint.every_steps=1", "checkpoint.keep_last=3", "loss.kl_coef=0.05", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run([sys.executable, "-m", "recipes.grpo", *args], cwd=ROOT, env=env, capture_output=True,
