@@ -42,7 +42,12 @@ def _runtime(tp: int, pp: int, seed: int = 0):
     from recipes.megatron import runtime
 
     if ps.model_parallel_is_initialized():
-        yield ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        # building a model reseeds; give the caller's training run its RNG streams back afterwards
+        rng = runtime.rng_state()
+        try:
+            yield ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        finally:
+            runtime.set_rng_state(rng)
         return
     runtime.init_distributed(tp, pp, seed=seed)
     try:

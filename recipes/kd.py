@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from recipes.config import ConfigError, load_config
-from recipes.sft import SFTConfig, check_config, launch, resolve_path, train, world_size
+from recipes.sft import SFTConfig, check_config, launch, quiet_cpu_warnings, resolve_path, train, world_size
 
 HELP = "Logit knowledge distillation (forward/reverse KL, top-k, temperature) from a teacher checkpoint."
 DEFAULT_CONFIG = "nemo_configs/kd/tiny_cpu.yaml"
@@ -213,6 +213,7 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
+    quiet_cpu_warnings()
     cfg = load_config(KDConfig, resolve_path(args.config) if args.config else None, args.overrides)
     check_kd_config(cfg)
     if world_size(cfg) > 1 and "RANK" not in os.environ:

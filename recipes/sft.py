@@ -447,7 +447,16 @@ def launch(module: str, cfg_world: int, nodes: int, config: str | None, override
     return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
+def quiet_cpu_warnings() -> None:
+    """megatron-core warns on import that Apex / Transformer Engine are absent: expected on CPU."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
+    warnings.filterwarnings("ignore", message=r".*cuda_graph_scope.*")
+
+
 def cli(args) -> int:
+    quiet_cpu_warnings()
     cfg = load_config(SFTConfig, resolve_path(args.config) if args.config else None, args.overrides)
     check_config(cfg)
     if world_size(cfg) > 1 and "RANK" not in os.environ:

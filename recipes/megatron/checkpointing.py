@@ -168,14 +168,16 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, scheduler=None
     d = step_dir(ckpt_dir, step)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such checkpoint step (saved: {saved_steps(ckpt_dir)})")
+    if optimizer is not None and not any(k.startswith("optimizer.")
+                                         for k in dist_checkpointing.load_tensors_metadata(str(d))):
+        raise KeyError(f"{d}: checkpoint has no optimizer state (a model-only checkpoint, e.g. from `nrr convert`); "
+                       "load it with optimizer=None to initialise the weights")
     sd = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sd, str(d))
     models = providers.unwrap(model_chunks)
     for i, m in enumerate(models):
         m.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"], strict=True)
     if optimizer is not None:
-        if "optimizer" not in loaded:
-            raise KeyError(f"{d}: checkpoint has no optimizer state")
         optimizer.load_state_dict(loaded["optimizer"])
     state = torch.load(d / TRAINER_STATE, map_location="cpu", weights_only=False)
     if scheduler is not None and state.get("scheduler") is not None:

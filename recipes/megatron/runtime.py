@@ -4,7 +4,8 @@ Offers:
 - `init_distributed(tp, pp, seed)`: torch.distributed (NCCL on GPU, gloo on CPU) from `torchrun` env vars, or a
   single process with world size 1 when they are absent; megatron `parallel_state` with TP x PP (the rest is DP);
   seeds (megatron's CUDA RNG tracker on GPU, a CPU-generator tracker on CPU).
-- `destroy_distributed()`, `device()`, `is_cpu()`, `rank()`, `world_size()`, `print_rank0(...)`.
+- `destroy_distributed()`, `device()`, `is_cpu()`, `rank()`, `world_size()`, `print_rank0(...)`,
+  `rng_state()` / `set_rng_state(state)` (all RNG streams of this rank, for checkpoints' `extra`).
 
 On a machine without CUDA, `init_distributed` switches on a small device layer so that megatron-core's TP and PP
 code (which allocates on `torch.cuda.current_device()`, calls `.cuda()`, `torch.cuda.synchronize()`, uses
@@ -208,6 +209,29 @@ def _seed_all(seed: int) -> None:
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     else:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG stream of this rank (python, numpy, torch CPU/CUDA, megatron's tracker): save it in checkpoints'
+    `extra` for bitwise resume of dropout/sampling, or around code that reseeds."""
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": None if is_cpu() else torch.cuda.get_rng_state(),
+            "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and not is_cpu():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_minutes: int = 30) -> None:

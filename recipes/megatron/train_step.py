@@ -124,15 +124,17 @@ def _segments_from_cu_seqlens(cu: torch.Tensor, s: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _to_device(batch: dict) -> dict:
+def to_device(batch: dict) -> dict:
+    """Move a batch's tensors to this rank's device."""
     from recipes.megatron import runtime
 
     dev = runtime.device()
     return {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _model_inputs(batch: dict, model) -> dict:
-    """GPTModel kwargs: mask on the local path, PackedSeqParams (THD) with Transformer Engine."""
+def model_inputs(batch: dict, model) -> dict:
+    """GPTModel kwargs {attention_mask, packed_seq_params} for a batch: the mask on the local path,
+    PackedSeqParams (THD) from `cu_seqlens` with Transformer Engine. `model` is the bare GPTModel."""
     mask = batch.get("attention_mask")
     cu = batch.get("cu_seqlens")
     kwargs = {"packed_seq_params": None}
@@ -169,15 +171,16 @@ def _loss_func(batch: dict, loss_fn: LossFn | None, output_tensor: torch.Tensor)
 
 
 def _forward_step(loss_fn, data_iterator, model):
-    batch = _to_device(next(data_iterator))
-    extra = _model_inputs(batch, _bare(model))
+    batch = to_device(next(data_iterator))
+    extra = model_inputs(batch, bare_model(model))
     labels = batch["labels"] if loss_fn is None else None  # megatron computes per-token CE from labels
     output = model(batch["tokens"], batch["position_ids"], extra["attention_mask"], labels=labels,
                    packed_seq_params=extra["packed_seq_params"])
     return output, partial(_loss_func, batch, loss_fn)
 
 
-def _bare(model):
+def bare_model(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
     return model
@@ -316,22 +319,21 @@ def logprobs_of(model_chunks: list, tokens: torch.Tensor, attention_mask: torch.
         return lp.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logprobs": lp.detach()}
 
     def step(data_iterator, model):
-        batch = _to_device(next(data_iterator))
-        extra = _model_inputs(batch, _bare(model))
+        batch = to_device(next(data_iterator))
+        extra = model_inputs(batch, bare_model(model))
         out = model(batch["tokens"], batch["position_ids"], extra["attention_mask"])
         return out, partial(loss_func, batch)
 
     was_training = [m.training for m in model_chunks]
     for m in model_chunks:
         m.eval()
-    config = _configure(model_chunks)
+    _configure(model_chunks)
     with torch.no_grad():
         store = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(micro), model=model_chunks, num_microbatches=len(micro),
             seq_length=s, micro_batch_size=mbs, forward_only=True)
     for m, t in zip(model_chunks, was_training):
         m.train(t)
-    del config
     out = torch.empty(b, s, dtype=torch.float32, device=runtime.device())
     if ps.is_pipeline_last_stage():
         out = torch.cat([item["logprobs"].float() for item in store], dim=0)
@@ -339,3 +341,7 @@ def logprobs_of(model_chunks: list, tokens: torch.Tensor, attention_mask: torch.
         torch.distributed.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
                                     group=ps.get_pipeline_model_parallel_group())
     return out[:, :-1]
+
+
+# names used before these helpers were public
+_to_device, _model_inputs, _bare = to_device, model_inputs, bare_model
