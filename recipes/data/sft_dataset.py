@@ -35,7 +35,7 @@ class TaskCorpusConfig:
     """The embedded task's reference traces, used when no corpus path is given."""
 
     levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
-    n_per_level: int = 4000
+    n_per_level: int = 20000
     seed: int = 0
     valid_per_level: int = 50  # taken from the train split with another seed, for validation loss
 
