@@ -30,7 +30,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
         StageSpec("kd", "torchrun", "nemo_configs/kd/tiny_cpu.yaml"),
         StageSpec("grpo", "torchrun", "nemo_configs/grpo/tiny_cpu.yaml"),
         StageSpec("eval", "python", "nemo_configs/eval/embedded.yaml"),
-        StageSpec("convert", "python", "nemo_configs/convert/tiny.yaml"),
+        StageSpec("convert", "python", None),
         StageSpec("task", "python", None),
     ]
 }
@@ -51,6 +51,10 @@ def stage_spec(name: str, launcher: str | None = None) -> StageSpec:
 def stage_args(stage: str, config: str | None, overrides: list[str]) -> list[str]:
     """Arguments after `nrr`: the stage, its config file and its overrides."""
     args = [stage]
+    overrides = list(overrides)
+    # A stage with subcommands (`eval run`, `convert to-hf`) takes its subcommand before --config.
+    if overrides and not overrides[0].startswith("-") and "=" not in overrides[0]:
+        args.append(overrides.pop(0))
     if config:
         args += ["--config", config]
-    return args + list(overrides)
+    return args + overrides

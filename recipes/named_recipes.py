@@ -21,7 +21,6 @@ from recipes.sft import (CheckpointConfig, LoggingConfig, ModelConfig, ParallelC
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "models"
 GIB = 1024**3
-H100_GIB = 80.0
 
 
 def _layout(nodes: int, gpus_per_node: int, tp: int, pp: int) -> ParallelConfig:

@@ -343,14 +343,16 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     rows_per_step, grad_acc = resolve_batch(cfg)
     steps = total_steps(cfg, len(data.train_rows))
     sampler = RowSampler(data.train_rows, rows_per_step, seed=cfg.training.seed)
-    hf, chunks, optimizer, scheduler = build_model_and_optimizer(cfg, steps)
+    _, chunks, optimizer, scheduler = build_model_and_optimizer(cfg, steps)
 
     # resume from our own checkpoints, else start from an init checkpoint, else from the random init
     start = 0
-    loaded = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler) if cfg.checkpoint.resume \
-        and checkpointing.latest_step(ckpt_dir) is not None else None
-    if loaded is not None:
-        start, extra = loaded
+    if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
+        start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
+        if extra.get("consumed_rows") != start * rows_per_step:
+            raise ConfigError(f"{ckpt_dir}: step {start} consumed {extra.get('consumed_rows')} rows but this config "
+                              f"gives {start * rows_per_step}: resume with the same batch settings, or set "
+                              "checkpoint.resume=false / a new run_dir")
         set_rng_state(extra["rng"])
         runtime.print_rank0(f"[{stage}] resumed from {ckpt_dir} at step {start}")
     elif cfg.model.init_checkpoint:

@@ -188,7 +188,8 @@ def _skip_reason(err: DataError) -> str:
     return "other"
 
 
-def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int, seed: int = 0) -> tuple[list[Example], CorpusStats]:
+def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int,
+                  seed: int = 0) -> tuple[list[Example], CorpusStats]:
     """Read and tokenize a corpus. Bad records raise (naming file:line) or are counted and skipped."""
     check_vocab(vocab_size)
     stats = CorpusStats()
