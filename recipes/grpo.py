@@ -423,7 +423,7 @@ def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: li
     else:
         from recipes.grader import grade_response
 
-        m["accuracy"] = sum(grade_response(ct.split_response(tok.decode(r, skip_special_tokens=True))[1],
+        m["accuracy"] = sum(grade_response(ct.split_response(tok.decode([t for t in r if t != tok.eos_id()]))[1],
                                            gr.problem["answer"]).correct for gr in groups for r in gr.responses) \
             / len(rewards)
     return m

@@ -49,20 +49,20 @@ class ParallelConfig:
 @dataclasses.dataclass
 class TrainingConfig:
     # the global batch, in rows of data.seq_length tokens: set one of the three
-    global_batch_size: int | None = 32
+    global_batch_size: int | None = 16
     global_batch_tokens: int | None = None  # rows = tokens / seq_length
     grad_accumulation: int | None = None  # rows = micro_batch_size * grad_accumulation * dp
     micro_batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     seed: int = 1234
-    max_steps: int | None = 1900  # when both are set the smaller wins
+    max_steps: int | None = 3000  # when both are set the smaller wins
     epochs: float | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     threads: int | None = 2  # torch CPU threads per process (None: torch's default)
@@ -70,13 +70,13 @@ class TrainingConfig:
 
 @dataclasses.dataclass
 class ValidationConfig:
-    every_steps: int = 250  # 0: never (a final validation still runs)
+    every_steps: int = 500  # 0: never (a final validation still runs)
     max_rows: int = 64
 
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every_steps: int = 500  # 0: only the final checkpoint
+    every_steps: int = 750  # 0: only the final checkpoint
     keep_last: int = 2
     resume: bool = True  # continue from the latest checkpoint in run_dir/checkpoints
 

@@ -109,3 +109,17 @@ def test_loop_runs_and_resume_replays_exactly(tmp_path):
     assert last["step"] == 3
     for key in ("reward/mean", "response_len/mean", "loss", "kl", "grad_norm"):
         assert last[key] == pytest.approx(full[2][key], rel=1e-5, abs=1e-7), key
+
+
+def test_completion_keeps_think_tags_and_cuts_at_eos():
+    from recipes import tokenizer as tok
+    from recipes.rl.rewards import RewardsConfig, Sample, format_reward
+    from recipes.rl.rollout import _completion
+
+    text = ct.format_response("1+2;3", "\\boxed{3}")
+    ids = tok.encode(text) + [tok.eos_id()] + tok.encode("junk")
+    c = _completion(ids, max_tokens=100)
+    assert c.text == text and c.finish_reason == "stop" and c.token_ids[-1] == tok.eos_id()
+    assert format_reward(Sample(c.text), RewardsConfig()) == 1.0
+    cut = _completion(tok.encode(text)[:5], max_tokens=5)
+    assert cut.truncated and len(cut.token_ids) == 5

@@ -61,7 +61,8 @@ def _completion(ids: list[int], max_tokens: int) -> Completion:
     else:
         ids = ids[:max_tokens]
         reason = "length"
-    return Completion(ids, tok.decode(ids, skip_special_tokens=True), reason)
+    # keep <think>/</think> in the text (rewards and rejection sampling read them); drop only the EOS
+    return Completion(ids, tok.decode([t for t in ids if t != eos]), reason)
 
 
 class HFGenerator:
