@@ -2,6 +2,7 @@
 and where a GRPO step's time goes (generation, training, refit) in a short real run.
 
     from recipes.bench_grpo import bench_grpo; bench_grpo()      # (`nrr bench grpo`)
+    python -m recipes.bench_grpo [SFT_CHECKPOINT]
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def step_time_shares(init_checkpoint: str | None, steps: int, run_dir: Path) -> 
     args = [f"run_dir={run_dir}", f"model.init_checkpoint={init_checkpoint or 'null'}", f"grpo.steps={steps}",
             "eval.per_level=10", "eval.every_steps=0", "logging.progress=false", "checkpoint.every_steps=0",
             "checkpoint.resume=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    # a fresh single-process run: drop the rendezvous variables this process set for itself
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "2")
     proc = subprocess.run([sys.executable, "-m", "recipes.grpo", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:

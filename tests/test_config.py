@@ -31,8 +31,8 @@ def write(tmp_path, text):
 
 def test_yaml_and_overrides(tmp_path):
     p = write(tmp_path, "name: a\ntrainer:\n  max_steps: 5\n")
-    cfg = load_config(Cfg, p, ["trainer.lr=0.5", "levels=[3,4]", "note=hi"])
-    assert cfg.trainer.max_steps == 5 and cfg.trainer.lr == 0.5 and cfg.levels == [3, 4] and cfg.note == "hi"
+    cfg = load_config(Cfg, p, ["trainer.lr=1e-4", "levels=[3,4]", "note=hi"])
+    assert cfg.trainer.max_steps == 5 and cfg.trainer.lr == 1e-4 and cfg.levels == [3, 4] and cfg.note == "hi"
     out = save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(Cfg, out)
     assert again == cfg

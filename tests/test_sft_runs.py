@@ -120,4 +120,6 @@ def test_logit_kd_runs_end_to_end(tmp_path, tp1_run):
                  if '"kd"' in line] for tp in (1, 2))
     assert len(tp1) == len(tp2) == 6 and tp1[-1]["kd"] < tp1[0]["kd"]
     assert abs(tp1[0]["kd"] - tp2[0]["kd"]) < 1e-5 and abs(tp1[0]["ce"] - tp2[0]["ce"]) < 1e-5
-    assert all(abs(a["loss"] - b["loss"]) < 1e-3 for a, b in zip(tp1, tp2))
+    # gradients too (a vocab-parallel normaliser needs an all-reduce in backward; identity under-counts it)
+    assert abs(tp1[0]["grad_norm"] - tp2[0]["grad_norm"]) < 1e-4 * tp1[0]["grad_norm"]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(tp1, tp2))
