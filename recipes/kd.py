@@ -63,24 +63,6 @@ def _tp_size() -> int:
     return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
 
 
-def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocab log_softmax on this rank's vocab shard [.., V/TP], for losses that sum per-shard terms.
-
-    The normaliser is all-reduced with an all-reduce in backward too: every shard's term depends on
-    it, so its gradient is the sum over ranks. (An identity backward, right when all later math is
-    replicated as in cross-entropy, under-counts it here: TP=2 KD gradients then differ from TP=1.)
-    """
-    from megatron.core import parallel_state as ps
-    from torch.distributed.nn.functional import all_reduce
-
-    group = ps.get_tensor_model_parallel_group()
-    shift = logits.detach().max(dim=-1, keepdim=True).values
-    torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX, group=group)
-    shifted = logits - shift
-    sum_exp = all_reduce(shifted.exp().sum(dim=-1, keepdim=True), group=group)
-    return shifted - sum_exp.log()
-
-
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward",
                   alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """Per-token divergence [..] (already times T^2) between teacher and student logits [.., V] (or vocab
@@ -98,7 +80,7 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ki
         log_p = torch.log_softmax(t.gather(-1, idx), dim=-1)
         reduce = lambda x: x  # noqa: E731  (the k entries are whole on every rank)
     elif tp > 1:
-        log_q, log_p = vocab_parallel_log_softmax(s), vocab_parallel_log_softmax(t)
+        log_q, log_p = train_step.vocab_parallel_log_softmax(s), train_step.vocab_parallel_log_softmax(t)
         reduce = train_step.tp_sum
     else:
         log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
@@ -187,8 +169,8 @@ class Teacher:
             return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logits": output.detach()}
 
         def step(data_iterator, model):
-            batch = train_step._to_device(next(data_iterator))
-            extra = train_step._model_inputs(batch, train_step._bare(model))
+            batch = train_step.to_device(next(data_iterator))
+            extra = train_step.model_inputs(batch, train_step.bare_model(model))
             out = model(batch["tokens"], batch["position_ids"], extra["attention_mask"],
                         packed_seq_params=extra["packed_seq_params"])
             return out, loss_func

@@ -75,18 +75,23 @@ def vocab_parallel_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the full vocab, returned for this rank's vocab shard [.., V/TP] (differentiable).
-    Sum a per-vocab quantity over the shard, then `tp_sum` it, to get full-vocab sums (e.g. a KL)."""
+    """Full-vocab log_softmax on this rank's vocab shard [.., V/TP] (differentiable), for losses that sum
+    per-shard terms (then `tp_sum` the per-shard sums, e.g. a KL).
+
+    The normaliser is all-reduced with an all-reduce in backward too: every shard's term depends on
+    it, so its gradient is the sum over ranks (an identity backward under-counts it under TP > 1).
+    """
     from megatron.core import parallel_state as ps
+    from torch.distributed.nn.functional import all_reduce
 
     logits = logits.float()
     if ps.get_tensor_model_parallel_world_size() == 1:
         return torch.log_softmax(logits, dim=-1)
-    local_max = logits.detach().max(dim=-1, keepdim=True).values
-    torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX,
-                                 group=ps.get_tensor_model_parallel_group())
-    shifted = logits - local_max
-    sum_exp = tp_sum(shifted.exp().sum(dim=-1, keepdim=True))
+    group = ps.get_tensor_model_parallel_group()
+    shift = logits.detach().max(dim=-1, keepdim=True).values
+    torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX, group=group)
+    shifted = logits - shift
+    sum_exp = all_reduce(shifted.exp().sum(dim=-1, keepdim=True), group=group)
     return shifted - sum_exp.log()
 
 
