@@ -20,16 +20,17 @@ class StageSpec:
     name: str
     launcher: LauncherKind
     default_config: str | None
+    output_key: str | None = None  # the config key that names the stage's output folder
 
 
 STAGE_SPECS: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
-        StageSpec("curate", "ray", "nemo_configs/curate/embedded.yaml"),
-        StageSpec("sft", "torchrun", "nemo_configs/sft/tiny_cpu.yaml"),
-        StageSpec("kd", "torchrun", "nemo_configs/kd/tiny_cpu.yaml"),
-        StageSpec("grpo", "torchrun", "nemo_configs/grpo/tiny_cpu.yaml"),
-        StageSpec("eval", "python", "nemo_configs/eval/embedded.yaml"),
+        StageSpec("curate", "ray", "nemo_configs/curate/embedded.yaml", "output.dir"),
+        StageSpec("sft", "torchrun", "nemo_configs/sft/tiny_cpu.yaml", "run_dir"),
+        StageSpec("kd", "torchrun", "nemo_configs/kd/tiny_cpu.yaml", "run_dir"),
+        StageSpec("grpo", "torchrun", "nemo_configs/grpo/tiny_cpu.yaml", "run_dir"),
+        StageSpec("eval", "python", "nemo_configs/eval/embedded.yaml", "output_dir"),
         StageSpec("convert", "python", None),
         StageSpec("task", "python", None),
     ]
@@ -45,7 +46,7 @@ def stage_spec(name: str, launcher: str | None = None) -> StageSpec:
         return spec
     if launcher not in ("torchrun", "ray", "python"):
         raise ConfigError(f"launcher must be torchrun, ray or python, got {launcher!r}")
-    return StageSpec(spec.name, launcher, spec.default_config)  # type: ignore[arg-type]
+    return StageSpec(spec.name, launcher, spec.default_config, spec.output_key)  # type: ignore[arg-type]
 
 
 def stage_args(stage: str, config: str | None, overrides: list[str]) -> list[str]:

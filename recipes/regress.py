@@ -61,8 +61,15 @@ def _launch(names, goldens, runs: Path, args) -> int:
     from recipes.pipeline import run_pipeline
 
     _, executor_overrides = split_overrides(args.overrides)
+    from launchers.stages import stage_spec
+
+    def output_override(stage: str) -> list[str]:
+        key = stage_spec(stage).output_key
+        return [f"{key}=${{dir}}"] if key else []
+
     steps = [StepConfig(name=n, stage=goldens.configs[n].stage, config=goldens.configs[n].config,
-                        overrides=[*goldens.configs[n].overrides, "output_dir=${dir}"]) for n in names]
+                        overrides=[*goldens.configs[n].overrides, *output_override(goldens.configs[n].stage)])
+             for n in names]
     import json
     import tempfile
 

@@ -78,3 +78,11 @@ def test_regress_cli_fails_when_numbers_move(suite, capsys):
     assert "| tiny | loss | 2 | 2.5 | 2.6 | FAIL: off by +0.1 (tolerance 0.025, both) |" in (
         run.parent / "regression.md").read_text()
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_ci_goldens_hold_for_the_tiny_configs(tmp_path, capsys):
+    """Runs every `ci: true` config through NeMo-Run locally and compares against the recorded goldens."""
+    assert main(["regress", "--runs", str(tmp_path)]) == 0, (tmp_path / "regression.md").read_text()
+    assert "FAIL" not in (tmp_path / "regression.md").read_text()
+    capsys.readouterr()
