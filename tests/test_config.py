@@ -70,3 +70,19 @@ def test_read_yaml_lines(tmp_path):
 def test_cli_lists_stages():
     out = subprocess.run([sys.executable, "-m", "recipes.cli", "--help"], capture_output=True, text=True, check=True)
     assert "task" in out.stdout
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo", "kd"])
+def test_bad_override_on_a_real_stage_names_the_key(stage):
+    out = subprocess.run([sys.executable, "-m", "recipes.cli", stage, "training.max_stepz=3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "training.max_stepz" in out.stderr and "did you mean 'training.max_steps'" in out.stderr
+
+
+def test_every_stage_has_help():
+    from recipes.cli import STAGES
+
+    for stage in STAGES:
+        out = subprocess.run([sys.executable, "-m", "recipes.cli", stage, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage: nrr" in out.stdout, (stage, out.stderr[-500:])

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,17 +23,14 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from recipes.tokenizer import save_hf_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-qwen2")
-    config = AutoConfig.from_pretrained(ROOT / "recipes/assets/models/tiny-qwen2")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    save_hf_tokenizer(out)
-    return out
+    """A tiny student as the distillation stage ships it: a Megatron checkpoint exported with `nrr convert to-hf`."""
+    base = tmp_path_factory.mktemp("tiny-qwen2")
+    nrr = [sys.executable, "-m", "recipes.cli", "convert"]
+    subprocess.run([*nrr, "init", "--config", str(ROOT / "recipes/assets/models/tiny-qwen2/config.json"),
+                    "--out", str(base / "ckpt"), "--seed", "0"], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([*nrr, "to-hf", "--ckpt", str(base / "ckpt"), "--out", str(base / "hf")], check=True, cwd=ROOT,
+                   capture_output=True)
+    return base / "hf"
 
 
 def _config(model, out_dir, thinking=True, run_name=None) -> EvalConfig:
