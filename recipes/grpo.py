@@ -26,7 +26,7 @@ from recipes import task
 from recipes import tokenizer as tok
 from recipes.config import ConfigError, load_config, save_config
 from recipes.rl.advantages import group_advantages, informative_groups
-from recipes.rl.losses import LossConfig, entropy_from_logits, policy_loss
+from recipes.rl.losses import LossConfig, policy_loss
 from recipes.rl.rewards import RewardsConfig, Sample, check_weights, score
 from recipes.rl.rollout import RolloutConfig
 from recipes.sft import (CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, TrainingConfig, resolve_path,
@@ -463,19 +463,9 @@ def cli(args) -> int:
 
 
 def _main() -> int:
-    import argparse
-
     from recipes.megatron import runtime
 
-    parser = argparse.ArgumentParser(prog="recipes.grpo", description=HELP)
-    add_arguments(parser)
-    try:
-        return cli(parser.parse_args())
-    except ConfigError as err:
-        print(f"grpo: config error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        runtime.destroy_distributed()
+    return runtime.torchrun_main("recipes.grpo", HELP, add_arguments, cli)
 
 
 if __name__ == "__main__":

@@ -468,19 +468,9 @@ def cli(args) -> int:
 
 
 def _main() -> int:
-    import argparse
-
     from recipes.megatron import runtime
 
-    parser = argparse.ArgumentParser(prog="recipes.sft", description=HELP)
-    add_arguments(parser)
-    try:
-        return cli(parser.parse_args())
-    except ConfigError as err:
-        print(f"sft: config error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        runtime.destroy_distributed()
+    return runtime.torchrun_main("recipes.sft", HELP, add_arguments, cli)
 
 
 if __name__ == "__main__":

@@ -300,3 +300,25 @@ def cpu_device_layer():
                 _disable_cpu_layer()
 
     return _ctx()
+
+
+def torchrun_main(prog: str, help_text: str, add_arguments, cli) -> int:
+    """`python -m recipes.<stage>`: the entry point torchrun starts on every rank of a Megatron stage.
+
+    Parses the stage's arguments, runs it, turns a config error into exit code 2 and always tears
+    down torch.distributed so a failed rank does not leave its peers waiting.
+    """
+    import argparse
+    import sys
+
+    from recipes.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog=prog, description=help_text)
+    add_arguments(parser)
+    try:
+        return cli(parser.parse_args())
+    except ConfigError as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
