@@ -88,15 +88,17 @@ def test_profile_errors_name_the_key():
 def test_pipeline_wires_outputs_to_inputs():
     cfg = load_config(PipelineConfig, ROOT / "nemo_configs/pipeline/embedded.yaml", ["run_dir=/runs/x"])
     tasks = {t.name: t for t in plan(cfg, load_profile("local"))}
-    assert list(tasks) == ["curate", "sft", "grpo", "eval_base", "eval_sft", "eval_grpo", "export"]
+    assert list(tasks) == ["curate", "base", "sft", "grpo", "eval_base", "eval_sft", "eval_grpo", "export"]
     assert tasks["curate"].requires == []
-    assert "output_dir=/runs/x/curate" in tasks["curate"].nrr_args
+    assert "output.dir=/runs/x/curate" in tasks["curate"].nrr_args
     assert tasks["sft"].requires == ["/runs/x/curate"]
-    assert "data.train_path=/runs/x/curate/corpus.jsonl" in tasks["sft"].nrr_args
+    assert "data.train_path=/runs/x/curate/curated.jsonl" in tasks["sft"].nrr_args
     assert tasks["grpo"].requires == ["/runs/x/sft"]
-    assert "init_checkpoint=/runs/x/sft/checkpoint" in tasks["grpo"].nrr_args
-    assert tasks["eval_grpo"].requires == ["/runs/x/grpo"] and tasks["eval_base"].requires == []
-    assert tasks["export"].nrr_args[:3] == ["convert", "--config", f"{ROOT}/nemo_configs/convert/tiny.yaml"]
+    assert "model.init_checkpoint=/runs/x/sft/checkpoints" in tasks["grpo"].nrr_args
+    assert tasks["eval_grpo"].requires == ["/runs/x/grpo"] and tasks["eval_base"].requires == ["/runs/x/base"]
+    # stages with subcommands take the subcommand first, then --config
+    assert tasks["eval_sft"].nrr_args[:4] == ["eval", "run", "--config", f"{ROOT}/nemo_configs/eval/embedded.yaml"]
+    assert tasks["export"].nrr_args[:2] == ["convert", "to-hf"] and "--config" not in tasks["export"].nrr_args
     assert {t.spec.launcher for t in tasks.values()} == {"ray", "torchrun", "python"}
 
 
