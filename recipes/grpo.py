@@ -99,6 +99,8 @@ def check_config(cfg: GRPOConfig) -> None:
     if rows % g.minibatches or per_update % (g.micro_batch_size * cfg.parallel.dp):
         raise ConfigError(f"grpo: prompts_per_step*group_size={rows} rows must split into minibatches={g.minibatches} "
                           f"of a multiple of micro_batch_size*dp={g.micro_batch_size}*{cfg.parallel.dp}")
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature}: GRPO needs sampled responses (> 0)")
     if g.group_size < 2:
         raise ConfigError("grpo.group_size must be >= 2 (advantages are relative to the group)")
     if cfg.prompts.level_weights is not None and len(cfg.prompts.level_weights) != len(cfg.prompts.levels):
@@ -197,11 +199,17 @@ def build_batch(groups: list[Group], std_normalize: bool) -> dict[str, torch.Ten
             "position_ids": torch.arange(s).expand(len(rows), s).contiguous()}
 
 
-def make_loss_fn(cfg: LossConfig, stats: list):
-    """The megatron `loss_fn(logits, batch) -> (loss_sum, denominator)` of the chosen variant."""
+def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
+    """The megatron `loss_fn(logits, batch) -> (loss_sum, denominator)` of the chosen variant.
+
+    The logits are divided by the sampling temperature: the policy being optimised is the distribution the
+    rollouts were drawn from (its greedy answer is the same at every temperature).
+    """
     from recipes.megatron import train_step
 
     def loss_fn(logits, batch):
+        if temperature != 1.0:
+            logits = logits / temperature
         logp = train_step.vocab_parallel_log_probs(logits, batch["labels"])
         loss_sum, denom, st = policy_loss(logp, batch["old_logp"], batch["adv"], batch["loss_mask"], cfg,
                                           batch.get("ref_logp"))
@@ -219,11 +227,11 @@ def split_rows(batch: dict, rows: list[int], mbs: int) -> list[dict]:
     return [{k: v[rows[i:i + mbs]] for k, v in batch.items()} for i in range(0, len(rows), mbs)]
 
 
-def full_logprobs(chunks, tokens: torch.Tensor, mbs: int) -> torch.Tensor:
+def full_logprobs(chunks, tokens: torch.Tensor, mbs: int, temperature: float = 1.0) -> torch.Tensor:
     """[B, S] log p(labels) aligned with `labels` (the last column, a padding label, is 0)."""
     from recipes.megatron import train_step
 
-    lp = train_step.logprobs_of(chunks, tokens, micro_batch_size=mbs)
+    lp = train_step.logprobs_of(chunks, tokens, micro_batch_size=mbs, temperature=temperature)
     return torch.cat([lp, torch.zeros(lp.shape[0], 1)], dim=1)
 
 
@@ -338,13 +346,14 @@ def train(cfg: GRPOConfig) -> dict:
             # 2. behaviour (and reference) log-probs, recomputed by the trainer
             t0 = time.time()
             batch = build_batch(groups, g.std_normalize)
-            batch["old_logp"] = full_logprobs(chunks, batch["tokens"], g.micro_batch_size)
+            temperature = cfg.rollout.temperature
+            batch["old_logp"] = full_logprobs(chunks, batch["tokens"], g.micro_batch_size, temperature)
             if ref_chunks is not None:
-                batch["ref_logp"] = full_logprobs(ref_chunks, batch["tokens"], g.micro_batch_size)
+                batch["ref_logp"] = full_logprobs(ref_chunks, batch["tokens"], g.micro_batch_size, temperature)
 
             # 3. several clipped updates: minibatches x epochs, each split over DP ranks and micro-batches
             loss_stats: list = []
-            loss_fn = make_loss_fn(cfg.loss, loss_stats)
+            loss_fn = make_loss_fn(cfg.loss, loss_stats, temperature)
             n, s = batch["tokens"].shape
             per_update = n // g.minibatches
             reports = []

@@ -64,11 +64,15 @@ def stage_tasks(args: argparse.Namespace, profile, stage_overrides: list[str]):
     spec = stage_spec(args.target, args.launcher)
     config = args.config or spec.default_config
     name = args.name or args.target
+    stage_dir = run_path(profile, f"runs/launch/{name}")
+    # the stage writes its outputs next to its status marker unless the user named another place
+    if spec.output_key and not any(o.startswith(f"{spec.output_key}=") for o in stage_overrides):
+        stage_overrides = [*stage_overrides, f"{spec.output_key}={stage_dir}"]
     return [StageTask(
         name=args.target,
         spec=spec,
         nrr_args=stage_args(args.target, code_path(profile, config) if config else None, stage_overrides),
-        stage_dir=run_path(profile, f"runs/launch/{name}"),
+        stage_dir=stage_dir,
     )]
 
 

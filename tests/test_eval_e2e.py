@@ -167,14 +167,22 @@ def test_compare_report_renders_in_headless_chromium(hf_runs, tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_backend_end_to_end(tiny_model, tmp_path):
-    """The same pipeline on vLLM (offline LLM in its worker process, float32, eager on CPU)."""
-    result = evaluate_model(tiny_model, benchmark="embedded", levels=[1, 2], n_per_level=3, k=2, temperature=0.8,
-                            backend="vllm", out_dir=tmp_path / "vllm", max_tokens=MAX_TOKENS, batch_size=3)
+    """The same pipeline on vLLM (offline LLM in its worker process, float32, eager on CPU).
+
+    40 problems x 8 samples in one batch overflow one scheduler step (the case where seeded CPU sampling
+    used to crash); each problem's samples depend on its prompt and the seed only, not on the batching."""
+    kw = dict(benchmark="embedded", levels=[1, 2], n_per_level=20, k=8, temperature=0.8, backend="vllm",
+              max_tokens=MAX_TOKENS)
+    result = evaluate_model(tiny_model, out_dir=tmp_path / "vllm", batch_size=40, **kw)
     rows = _lines(tmp_path / "vllm" / "embedded.jsonl")
-    assert len(rows) == 6 * 2 and result["samples_per_problem"] == 2
+    assert len(rows) == 40 * 8 and result["samples_per_problem"] == 8
     assert set(result["accuracy_by_level"]) == {"1", "2"}
     for r in rows:
         assert 1 <= r["num_generated_tokens"] <= MAX_TOKENS
         assert r["finish_reason"] in ("stop", "length")
         assert r["is_correct"] == grade_response(r["generation"], r["expected_answer"]).correct
-    assert len({r["generation"] for r in rows}) > 1  # sampled, not one repeated string
+    assert len({r["generation"] for r in rows}) > 40  # sampled, not one repeated string per problem
+
+    evaluate_model(tiny_model, out_dir=tmp_path / "vllm-small-batches", batch_size=7, **kw)
+    again = {(r["id"], r["sample_idx"]): r["generation"] for r in _lines(tmp_path / "vllm-small-batches/embedded.jsonl")}
+    assert again == {(r["id"], r["sample_idx"]): r["generation"] for r in rows}

@@ -1,11 +1,14 @@
 """`nrr launch` on a real one-node Slurm cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd).
 
-A 2-process torchrun job reaches SUCCEEDED with its logs; a failing job's exit code and log reach
-the user; no secret value lands in any generated script, config or log.
+A tiny 2-process SFT (TP=2 under torchrun) reaches SUCCEEDED with its logs and a checkpoint; a
+failing job's exit code and log reach the user; no secret value lands in any generated script,
+config or log.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +36,10 @@ def cluster(tmp_path_factory):
     slurm.stop()
 
 
-def launch(cluster: SlurmCluster, root: Path, *stage_args: str) -> subprocess.CompletedProcess:
-    """`nrr launch task --executor slurm` with the profile bent to this cluster from the command line."""
+def launch(cluster: SlurmCluster, root: Path, stage: str, *stage_args: str) -> subprocess.CompletedProcess:
+    """`nrr launch <stage> --executor slurm` with the profile bent to this cluster from the command line."""
     env = {**cluster.env, **SECRETS, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "recipes.cli", "launch", "task", "--executor", "slurm", "--launcher", "torchrun",
+    cmd = [sys.executable, "-m", "recipes.cli", "launch", stage, "--executor", "slurm", "--launcher", "torchrun",
            "executor.partition=debug", "executor.gpus_per_node=null", "executor.exclusive=null",
            "executor.container_image=null", "executor.code_dir=null", f"executor.run_root={root}",
            f"executor.nemorun_home={root}/nemorun", "executor.nproc_per_node=2", "executor.time=00:05:00",
@@ -45,9 +48,12 @@ def launch(cluster: SlurmCluster, root: Path, *stage_args: str) -> subprocess.Co
                           timeout=240)
 
 
-def job_id(root: Path) -> str:
-    log = next((root / "nemorun").glob("experiments/*/*/*/log-nrr-task_*_0.out"))
-    return log.name.split("_")[1]
+def job_log(root: Path, stage: str) -> Path:
+    return next((root / "nemorun").glob(f"experiments/*/*/*/log-nrr-{stage}_*_0.out"))
+
+
+def job_id(root: Path, stage: str) -> str:
+    return job_log(root, stage).name.split("_")[1]
 
 
 def scan_for_secrets(root: Path) -> list[str]:
@@ -59,24 +65,37 @@ def scan_for_secrets(root: Path) -> list[str]:
     return hits
 
 
-def test_two_process_job_succeeds_and_failure_reaches_user(cluster, tmp_path):
+TINY_SFT = ["--config", "nemo_configs/sft/tiny_cpu.yaml", "parallel.tp=2", "training.max_steps=4",
+            "training.global_batch_size=4", "training.micro_batch_size=2", "training.warmup_steps=1",
+            "training.threads=1", "data.task.n_per_level=40", "data.task.valid_per_level=4",
+            "validation.every_steps=0", "checkpoint.every_steps=2", "logging.every_steps=1",
+            "logging.progress=false", "logging.tensorboard=false", "export_hf=false"]
+
+
+def test_two_process_sft_succeeds_and_failure_reaches_user(cluster, tmp_path):
+    from recipes.megatron import checkpointing
+
     ok = tmp_path / "ok"
-    proc = launch(cluster, ok, "--n", "2", "--output", str(ok / "problems.jsonl"))
+    proc = launch(cluster, ok, "sft", *TINY_SFT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + cluster.logs()
     assert "SUCCEEDED" in proc.stdout
-    assert cluster.sacct_state(job_id(ok)) == ("COMPLETED", "0:0")
-    log = next((ok / "nemorun").glob("experiments/*/*/*/log-nrr-task_*_0.out")).read_text()
-    # torchrun started two workers, each ran the stage
-    assert "[default0]:wrote 6 problems" in log and "[default1]:wrote 6 problems" in log
-    assert (ok / "problems.jsonl").read_text().count("\n") == 6
-    assert (ok / "runs/launch/task/.nrr_stage/SUCCEEDED").exists()
+    assert cluster.sacct_state(job_id(ok, "sft")) == ("COMPLETED", "0:0")
+    log = job_log(ok, "sft").read_text()
+    # torchrun started two workers that trained one TP=2 model together
+    assert "[default0]:" in log and "[default1]:" in log
+    run_dir = ok / "runs/launch/sft"
+    assert checkpointing.latest_step(run_dir / "checkpoints") == 4
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert (run_dir / ".nrr_stage/SUCCEEDED").exists()
 
     bad = tmp_path / "bad"
-    proc = launch(cluster, bad, "--split", "bogus")
+    proc = launch(cluster, bad, "task", "--split", "bogus")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" in proc.stdout
     assert "invalid choice: 'bogus'" in proc.stdout  # the end of the job log is shown
-    state, exit_code = cluster.sacct_state(job_id(bad))
+    state, exit_code = cluster.sacct_state(job_id(bad, "task"))
     assert state == "FAILED" and exit_code != "0:0"
 
     assert scan_for_secrets(tmp_path) == []

@@ -25,6 +25,8 @@ def main(spec: dict) -> None:
     try:
         from vllm import LLM, SamplingParams
 
+        from recipes.vllm_batching import prefill_chunks, prompt_seed
+
         kwargs = dict(model=spec["model"], dtype=spec["dtype"], enforce_eager=spec["enforce_eager"],
                       seed=spec["seed"], trust_remote_code=False)
         if spec.get("max_model_len"):
@@ -43,13 +45,19 @@ def main(spec: dict) -> None:
         try:
             req = json.loads(line)
             p = req["params"]
-            params = SamplingParams(n=p["n"], temperature=p["temperature"], top_p=p["top_p"],
-                                    max_tokens=p["max_tokens"], seed=p["seed"], stop_token_ids=[eos],
-                                    skip_special_tokens=False)
             # a prompt that fills the context cannot be answered: an empty, truncated sample (vLLM
             # would reject the whole batch)
-            fits = [len(tokenizer.encode(q, add_special_tokens=False)) < context for q in req["prompts"]]
-            results = iter(llm.generate([q for q, ok in zip(req["prompts"], fits) if ok], params, use_tqdm=False))
+            lengths = [len(tokenizer.encode(q, add_special_tokens=False)) for q in req["prompts"]]
+            fits = [length < context for length in lengths]
+            prompts = [q for q, ok in zip(req["prompts"], fits) if ok]
+            lengths = [length for length, ok in zip(lengths, fits) if ok]
+            params = [SamplingParams(n=p["n"], temperature=p["temperature"], top_p=p["top_p"],
+                                     max_tokens=p["max_tokens"], seed=prompt_seed(p["seed"], q, p["n"]),
+                                     stop_token_ids=[eos], skip_special_tokens=False) for q in prompts]
+            generated = []
+            for lo, hi in prefill_chunks(llm, lengths, p["n"]):
+                generated += llm.generate(prompts[lo:hi], params[lo:hi], use_tqdm=False)
+            results = iter(generated)
             empty = [{"text": "", "num_tokens": 0, "finish_reason": "length"}] * p["n"]
             outputs = [
                 [{"text": o.text, "num_tokens": len(o.token_ids),

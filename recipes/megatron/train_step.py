@@ -295,11 +295,12 @@ def optimizer_step(model_chunks: list, optimizer, micro_batches: list[dict], seq
 
 
 def logprobs_of(model_chunks: list, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                micro_batch_size: int | None = None) -> torch.Tensor:
+                micro_batch_size: int | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Token log-probs [B, S-1]: entry t is log p(tokens[:, t+1] | tokens[:, :t+1]). Available on every rank.
 
     `attention_mask` as in the batch format (None = causal). Runs forward-only through the pipeline schedule in
-    micro-batches of `micro_batch_size` rows (default: all rows at once; B must divide evenly).
+    micro-batches of `micro_batch_size` rows (default: all rows at once; B must divide evenly). `temperature`
+    scales the logits first (the distribution a sampler at that temperature drew from).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -320,7 +321,7 @@ def logprobs_of(model_chunks: list, tokens: torch.Tensor, attention_mask: torch.
         })
 
     def loss_func(batch, output):
-        lp = vocab_parallel_log_probs(output, batch["labels"])
+        lp = vocab_parallel_log_probs(output if temperature == 1.0 else output / temperature, batch["labels"])
         return lp.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logprobs": lp.detach()}
 
     def step(data_iterator, model):

@@ -24,14 +24,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     out = Path(args.out_dir)
     runs = {}
     for seed in args.seeds:
         run_dir = out / f"seed{seed}"
         cmd = [sys.executable, "-m", "recipes.grpo", "--config", "nemo_configs/grpo/tiny_cpu.yaml",
                f"run_dir={run_dir}", f"model.init_checkpoint={args.checkpoint}", f"training.seed={seed}",
-               f"prompts.seed={seed}", f"grpo.max_minutes={args.minutes}", "grpo.steps=1000", "logging.progress=false",
+               f"prompts.seed={seed + 1}", f"grpo.max_minutes={args.minutes}", "grpo.steps=1000", "logging.progress=false",
                "checkpoint.every_steps=0", "checkpoint.resume=false", "eval.every_steps=0", *args.overrides]
         env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
