@@ -150,7 +150,7 @@ def rollout_groups(backend, problems: list[task.Problem], cfg: GRPOConfig, seed:
     outs = backend.generate(prompts, n=cfg.grpo.group_size, seed=seed)
     groups = []
     for p, prompt, completions in zip(problems, prompts, outs):
-        samples = [Sample(c.text, p.answer, len(c.token_ids), c.truncated) for c in completions]
+        samples = [Sample(c.text, p.answer, len(c.token_ids), c.truncated, problem=p.question) for c in completions]
         rewards, parts = score(samples, cfg.rewards)
         groups.append(Group(p.to_dict(), prompt, [c.token_ids for c in completions],
                             [c.truncated for c in completions], rewards, parts))

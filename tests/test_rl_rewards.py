@@ -24,6 +24,20 @@ def test_accuracy_uses_the_final_answer():
     assert _r("accuracy", tricky, answer=p.answer) == 0.0
 
 
+def test_verified_steps_counts_rewrites_before_the_first_wrong_one():
+    # (3+4)*5-2 -> 7*5-2 ; 35-2 ; 33
+    def steps(thinking):
+        return _r("steps", format_response(thinking, "\\boxed{33}"), problem="(3+4)*5-2")
+
+    assert steps("7*5-2;35-2;33") == 1.0
+    assert steps("7*5-2;36-2;34") == pytest.approx(1 / 3)  # the second rewrite is wrong: later ones do not count
+    assert steps("7*5-2;35-2") == pytest.approx(2 / 3)
+    assert steps("8*5-2;35-2;33") == 0.0
+    assert steps(" 7*5-2 ; 35-2 ; 33 ") == 1.0  # spacing around separators is not an error
+    assert _r("steps", format_response("33", "\\boxed{33}"), problem="What is 33?") == 0.0  # not a task problem
+    assert _r("steps", format_response("33", "\\boxed{33}"), problem="33") == 0.0  # nothing to rewrite
+
+
 def test_format():
     assert _r("format", format_response("3+4=7", "\\boxed{7}")) == 1.0
     assert _r("format", "<think>\n3+4=7\n") == 0.0  # never closed

@@ -92,7 +92,8 @@ def test_two_process_sft_succeeds_and_failure_reaches_user(cluster, tmp_path):
 
     bad = tmp_path / "bad"
     proc = launch(cluster, bad, "task", "--split", "bogus")
-    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # both workers exit 2; which of them torchrun reports first (2, or the SIGTERM it sent the other) is a race
+    assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" in proc.stdout
     assert "invalid choice: 'bogus'" in proc.stdout  # the end of the job log is shown
     state, exit_code = cluster.sacct_state(job_id(bad, "task"))

@@ -25,6 +25,7 @@ class Sample:
     n_tokens: int = 0  # response length in tokens
     truncated: bool = False  # generation stopped at max tokens, not at EOS
     tests: list[dict] | None = None  # code tasks: [{"stdin": ..., "stdout": ...}]
+    problem: str = ""  # the question (the `steps` reward checks the embedded task's rewrites against it)
 
 
 @dataclasses.dataclass
@@ -90,6 +91,27 @@ def length_penalty(s: Sample, cfg: RewardsConfig) -> float:
     return -min(1.0, over / max(1, cfg.length_target_tokens))
 
 
+def verified_steps(s: Sample, cfg: RewardsConfig) -> float:
+    """Embedded arithmetic task: the share of the reference rewrites reproduced in order before the first wrong
+    one (a process reward the task's own solver can check). 0 for problems that are not task expressions."""
+    from recipes import task
+
+    try:
+        reference = task.solve_steps(s.problem)
+    except (ValueError, SyntaxError, IndexError):
+        return 0.0
+    if not reference:  # a bare number: nothing to rewrite
+        return 0.0
+    thinking, _, _ = ct.split_response(s.response)
+    written = [step.strip() for step in (thinking or "").strip().split(";")]
+    right = 0
+    for mine, ref in zip(written, reference):
+        if mine != ref:
+            break
+        right += 1
+    return right / len(reference)
+
+
 _CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
 
 
@@ -123,6 +145,7 @@ REWARDS: dict[str, Callable[[Sample, RewardsConfig], float]] = {
     "overlong": overlong_penalty,
     "length": length_penalty,
     "code": code_execution,
+    "steps": verified_steps,
 }
 
 
