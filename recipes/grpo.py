@@ -332,6 +332,7 @@ def train(cfg: GRPOConfig) -> dict:
         logger.log(0, summary["eval_before"], prefix="eval/")
     t_run = time.time()
     done = start
+    temperature = cfg.rollout.temperature  # the trainer scores the distribution the rollouts were sampled from
     with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
         bar_task = bar.add_task("grpo", total=g.steps, completed=start, info="")
         for step in range(start, g.steps):
@@ -346,7 +347,6 @@ def train(cfg: GRPOConfig) -> dict:
             # 2. behaviour (and reference) log-probs, recomputed by the trainer
             t0 = time.time()
             batch = build_batch(groups, g.std_normalize)
-            temperature = cfg.rollout.temperature
             batch["old_logp"] = full_logprobs(chunks, batch["tokens"], g.micro_batch_size, temperature)
             if ref_chunks is not None:
                 batch["ref_logp"] = full_logprobs(ref_chunks, batch["tokens"], g.micro_batch_size, temperature)

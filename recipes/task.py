@@ -69,14 +69,14 @@ def _problem(expr: str, level: int) -> Problem:
 def _stream(level: int, seed: int, heldout: bool, max_value: int):
     rng = random.Random(f"{seed}:{level}:{heldout}")
     seen: set[str] = set()
-    misses = 0
+    misses = 0  # draws since the last new problem
     while True:
+        misses += 1
+        if misses > 200_000:  # level 1 has ~14k train problems in all: asking for more cannot finish
+            raise ValueError(f"level {level}: no new {'held-out' if heldout else 'train'} problem in 200,000 "
+                             f"draws after {len(seen)}; ask for fewer problems of this level")
         expr = _random_expr(rng, level)
         if expr in seen or is_heldout(expr) != heldout:
-            misses += 1
-            if misses > 200_000:  # level 1 has ~14k train problems in all: asking for more cannot finish
-                raise ValueError(f"level {level}: no new {'held-out' if heldout else 'train'} problem in 200,000 "
-                                 f"draws after {len(seen)}; ask for fewer problems of this level")
             continue
         try:
             steps = solve_steps(expr)

@@ -4,8 +4,8 @@
    noise streams, so every prompt gets its own seed, derived from the prompt itself (the same problem
    gets the same samples whatever batch it lands in; a resumed run replays them).
 2. A prefill split across scheduler steps makes vLLM rewind the request's generator, which CPU
-   generators cannot do ("CPU Generator does not use offset"). `prefill_chunks` cuts a request list
-   into calls whose prefills all fit one scheduler step.
+   generators cannot do ("CPU Generator does not use offset"). `generate` sends the requests in calls
+   whose prefills all fit one scheduler step (`prefill_chunks`).
 """
 
 from __future__ import annotations
@@ -32,3 +32,11 @@ def prefill_chunks(llm, prompt_lengths: list[int], n: int) -> list[tuple[int, in
         tokens += length * n
     ranges.append((lo, len(prompt_lengths)))
     return ranges
+
+
+def generate(llm, requests: list, params: list, prompt_lengths: list[int], n: int) -> list:
+    """`llm.generate(requests, params)` (one SamplingParams per request), in calls sized by `prefill_chunks`."""
+    outputs = []
+    for lo, hi in prefill_chunks(llm, prompt_lengths, n):
+        outputs += llm.generate(requests[lo:hi], params[lo:hi], use_tqdm=False)
+    return outputs

@@ -25,7 +25,7 @@ def main(spec: dict) -> None:
     try:
         from vllm import LLM, SamplingParams
 
-        from recipes.vllm_batching import prefill_chunks, prompt_seed
+        from recipes.vllm_batching import generate, prompt_seed
 
         kwargs = dict(model=spec["model"], dtype=spec["dtype"], enforce_eager=spec["enforce_eager"],
                       seed=spec["seed"], trust_remote_code=False)
@@ -54,10 +54,7 @@ def main(spec: dict) -> None:
             params = [SamplingParams(n=p["n"], temperature=p["temperature"], top_p=p["top_p"],
                                      max_tokens=p["max_tokens"], seed=prompt_seed(p["seed"], q, p["n"]),
                                      stop_token_ids=[eos], skip_special_tokens=False) for q in prompts]
-            generated = []
-            for lo, hi in prefill_chunks(llm, lengths, p["n"]):
-                generated += llm.generate(prompts[lo:hi], params[lo:hi], use_tqdm=False)
-            results = iter(generated)
+            results = iter(generate(llm, prompts, params, lengths, p["n"]))
             empty = [{"text": "", "num_tokens": 0, "finish_reason": "length"}] * p["n"]
             outputs = [
                 [{"text": o.text, "num_tokens": len(o.token_ids),

@@ -150,14 +150,12 @@ class VLLMGenerator:
 
         max_tokens = max_tokens or self.cfg.max_tokens
         temperature = self.cfg.temperature if temperature is None else temperature
-        from recipes.vllm_batching import prefill_chunks, prompt_seed
+        from recipes.vllm_batching import generate, prompt_seed
 
         params = [SamplingParams(n=n, temperature=temperature, top_p=self.cfg.top_p, max_tokens=max_tokens,
                                  seed=prompt_seed(seed, p, n), stop_token_ids=[tok.eos_id()], skip_special_tokens=True)
                   for p in prompts]
-        outs = []
-        for lo, hi in prefill_chunks(self.llm, [len(p) for p in prompts], n):
-            outs += self.llm.generate([{"prompt_token_ids": p} for p in prompts[lo:hi]], params[lo:hi], use_tqdm=False)
+        outs = generate(self.llm, [{"prompt_token_ids": p} for p in prompts], params, [len(p) for p in prompts], n)
         return [[_completion(list(c.token_ids), max_tokens) for c in o.outputs] for o in outs]
 
     def prompt_logprobs(self, sequences):
