@@ -65,7 +65,9 @@ class GRPOSettings:
 class EvalConfig:
     every_steps: int = 0  # 0: only before and after training
     levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3])
-    per_level: int = 100  # held-out problems per level, greedy
+    per_level: int = 100  # held-out problems per level
+    temperature: float = 0.0  # 0: greedy; > 0: pass@1 as the mean over `samples` sampled responses (R1's protocol)
+    samples: int = 1
 
 
 @dataclasses.dataclass
@@ -238,18 +240,21 @@ def full_logprobs(chunks, tokens: torch.Tensor, mbs: int, temperature: float = 1
 # ------------------------------------------------------------------------------ evaluation
 
 
-def heldout_accuracy(backend, levels: list[int], per_level: int, max_tokens: int) -> dict[str, float]:
-    """Greedy accuracy per level on the fixed held-out split (rank 0, through the rollout engine)."""
+def heldout_accuracy(backend, cfg: EvalConfig, max_tokens: int) -> dict[str, float]:
+    """pass@1 per level on the fixed held-out split (rank 0, through the rollout engine): greedy, or the mean
+    over `cfg.samples` responses sampled at `cfg.temperature`."""
     from recipes.grader import grade_response
 
     out = {}
-    for lvl in levels:
-        problems = task.heldout_problems([lvl], per_level)
-        comps = backend.generate([prompt_ids(p) for p in problems], n=1, seed=0, max_tokens=max_tokens,
-                                 temperature=0.0)
-        correct = [grade_response(ct.split_response(c[0].text)[1], p.answer).correct for p, c in zip(problems, comps)]
+    n = cfg.samples if cfg.temperature > 0 else 1
+    for lvl in cfg.levels:
+        problems = task.heldout_problems([lvl], cfg.per_level)
+        comps = backend.generate([prompt_ids(p) for p in problems], n=n, seed=0, max_tokens=max_tokens,
+                                 temperature=cfg.temperature)
+        correct = [grade_response(ct.split_response(c.text)[1], p.answer).correct
+                   for p, group in zip(problems, comps) for c in group]
         out[f"L{lvl}"] = sum(correct) / len(correct)
-    out["mean"] = sum(out.values()) / len(levels)
+    out["mean"] = sum(out.values()) / len(cfg.levels)
     return out
 
 
@@ -270,7 +275,7 @@ def plot_reward_curve(run_dir: Path) -> Path | None:
     ax.plot([r["step"] for r in train_rows], [r["accuracy"] for r in train_rows], label="accuracy (train batch)")
     evals = [r for r in rows if "eval/mean" in r]
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval/mean"] for r in evals], "o-", label="held-out accuracy (greedy)")
+        ax.plot([r["step"] for r in evals], [r["eval/mean"] for r in evals], "o-", label="held-out accuracy (pass@1)")
     ax.set_xlabel("GRPO step")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -328,7 +333,7 @@ def train(cfg: GRPOConfig) -> dict:
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, enabled=rank0)
     summary: dict = {"start_step": start}
     if rank0 and start == 0:
-        summary["eval_before"] = heldout_accuracy(backend, cfg.eval.levels, cfg.eval.per_level, cfg.rollout.max_tokens)
+        summary["eval_before"] = heldout_accuracy(backend, cfg.eval, cfg.rollout.max_tokens)
         logger.log(0, summary["eval_before"], prefix="eval/")
     t_run = time.time()
     done = start
@@ -377,8 +382,7 @@ def train(cfg: GRPOConfig) -> dict:
             bar.update(bar_task, completed=done, info=f"reward {metrics['reward/mean']:.3f} "
                                                      f"acc {metrics['accuracy']:.2f}")
             if rank0 and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < g.steps:
-                logger.log(done, heldout_accuracy(backend, cfg.eval.levels, cfg.eval.per_level,
-                                                  cfg.rollout.max_tokens), prefix="eval/")
+                logger.log(done, heldout_accuracy(backend, cfg.eval, cfg.rollout.max_tokens), prefix="eval/")
             if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < g.steps:
                 checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
                                               extra={"rng": rng_state(), "prompt_step": done},
@@ -392,7 +396,7 @@ def train(cfg: GRPOConfig) -> dict:
                                       extra={"rng": rng_state(), "prompt_step": done},
                                       keep_last=cfg.checkpoint.keep_last)
     if rank0:
-        summary["eval_after"] = heldout_accuracy(backend, cfg.eval.levels, cfg.eval.per_level, cfg.rollout.max_tokens)
+        summary["eval_after"] = heldout_accuracy(backend, cfg.eval, cfg.rollout.max_tokens)
         logger.log(done, summary["eval_after"], prefix="eval/")
         logger.close()
         summary["reward_curve"] = str(plot_reward_curve(run_dir))

@@ -97,9 +97,12 @@ def generate(level: int, n: int, seed: int = 0, heldout: bool = False, max_value
     return [next(stream) for _ in range(n)]
 
 
-def train_problems(levels: list[int] | tuple[int, ...], n_per_level: int, seed: int = 0) -> list[Problem]:
-    """Training problems, level by level, shuffled together with the seed."""
-    out = [p for lvl in levels for p in generate(lvl, n_per_level, seed=seed)]
+def train_problems(levels: list[int] | tuple[int, ...], n_per_level: int | list[int], seed: int = 0) -> list[Problem]:
+    """Training problems, level by level (one count for all levels, or one per level), shuffled with the seed."""
+    counts = n_per_level if isinstance(n_per_level, (list, tuple)) else [n_per_level] * len(levels)
+    if len(counts) != len(levels):
+        raise ValueError(f"n_per_level has {len(counts)} counts for {len(levels)} levels")
+    out = [p for lvl, n in zip(levels, counts) for p in generate(lvl, n, seed=seed)]
     random.Random(seed).shuffle(out)
     return out
 
@@ -118,8 +121,35 @@ def _tokens(expr: str) -> list[str]:
     return _TOKEN.findall(expr.replace(" ", ""))
 
 
-def _reduce_flat(tokens: list[str]) -> list[str]:
-    """One operation inside a parenthesis-free token list: the first *, else the first + or -."""
+def _spelled_out(a: int, op: str, b: int) -> list[str] | None:
+    """The written-out form of a hard operation, or None when it is easy enough to do at once.
+
+    83-47 -> 83-40-7 (tens, then units); 47*3 -> (40*3+7*3) (tens and units times the digit).
+    Every part is an operation on a round number or a single digit.
+    """
+    def split(x: int) -> tuple[str, str]:
+        return str(x - x % 10), str(x % 10)
+
+    def hard(x: int) -> bool:  # two digits, not round
+        return 10 < x < 100 and x % 10 != 0
+
+    if op == "-" and hard(b):
+        tens, units = split(b)
+        return [str(a), "-", tens, "-", units]
+    if op == "*" and hard(a) and 2 <= b <= 9:
+        tens, units = split(a)
+        return ["(", tens, "*", str(b), "+", units, "*", str(b), ")"]
+    if op == "*" and hard(b) and 2 <= a <= 9:
+        tens, units = split(b)
+        return ["(", str(a), "*", tens, "+", str(a), "*", units, ")"]
+    return None
+
+
+def _reduce_flat(tokens: list[str], spell_out: bool = False) -> list[str]:
+    """One operation inside a parenthesis-free token list: the first *, else the first + or -.
+
+    spell_out: a hard operation is rewritten into its written-out form instead of its value.
+    """
     for ops in ("*", "+-"):
         for i in range(1, len(tokens) - 1, 2):
             if tokens[i] in ops:
@@ -127,7 +157,10 @@ def _reduce_flat(tokens: list[str]) -> list[str]:
                 value = a * b if tokens[i] == "*" else a + b if tokens[i] == "+" else a - b
                 if value < 0:
                     raise NegativeIntermediate(value)
-                return tokens[: i - 1] + [str(value)] + tokens[i + 2 :]
+                written = _spelled_out(a, tokens[i], b) if spell_out else None
+                if written and written[0] == "(" and len(tokens) == 3:  # the whole group: no extra parentheses
+                    written = written[1:-1]
+                return tokens[: i - 1] + (written or [str(value)]) + tokens[i + 2 :]
     raise ValueError(f"nothing to reduce in {''.join(tokens)!r}")
 
 
@@ -135,27 +168,31 @@ class NegativeIntermediate(ValueError):
     """The task keeps every intermediate value >= 0; generators skip expressions that break it."""
 
 
-def reduce_once(expr: str) -> str:
-    """Evaluate exactly one operation of `expr` (innermost parentheses first)."""
+def reduce_once(expr: str, spell_out: bool = False) -> str:
+    """Evaluate exactly one operation of `expr` (innermost parentheses first), or write a hard one out."""
     tokens = _tokens(expr)
     if ")" in tokens:
         close = tokens.index(")")
         open_ = max(i for i in range(close) if tokens[i] == "(")
-        inner = _reduce_flat(tokens[open_ + 1 : close])
+        inner = _reduce_flat(tokens[open_ + 1 : close], spell_out)
         if len(inner) == 1:  # "(7)" loses its parentheses in the same step
             tokens = tokens[:open_] + inner + tokens[close + 1 :]
         else:
             tokens = tokens[: open_ + 1] + inner + tokens[close:]
         return "".join(tokens)
-    return "".join(_reduce_flat(tokens))
+    return "".join(_reduce_flat(tokens, spell_out))
 
 
-def solve_steps(expr: str) -> list[str]:
-    """Every rewrite of expr, one operation per step; the last item is the integer answer."""
+def solve_steps(expr: str, spell_out: bool = False) -> list[str]:
+    """Every rewrite of expr, one operation per step; the last item is the integer answer.
+
+    spell_out: hard operations (a two-digit subtrahend, a two-digit times one-digit product) are first
+    rewritten into operations on round numbers and digits, as a careful solver writes them.
+    """
     steps = []
     cur = expr
     while not cur.isdigit():
-        cur = reduce_once(cur)
+        cur = reduce_once(cur, spell_out)
         steps.append(cur)
     # the step chain must agree with Python's arithmetic; a mismatch is a bug in the reducer
     if int(cur) != evaluate(expr):
@@ -172,17 +209,17 @@ def evaluate(expr: str) -> int:
 # ------------------------------------------------------------------------------ traces
 
 
-def cot_text(problem: Problem) -> str:
+def cot_text(problem: Problem, spell_out: bool = False) -> str:
     """The canonical reasoning: the steps separated by ';' (the content between the think tags)."""
-    return ";".join(problem.steps)
+    return ";".join(solve_steps(problem.question, spell_out=True) if spell_out else problem.steps)
 
 
 def answer_text(answer: str) -> str:
     return f"\\boxed{{{answer}}}"
 
 
-def assistant_response(problem: Problem, think: bool = True) -> str:
+def assistant_response(problem: Problem, think: bool = True, spell_out: bool = False) -> str:
     """The canonical assistant message: '<think>\\nsteps\\n</think>\\n\\n\\boxed{N}' (or no-think)."""
     from recipes.chat_template import format_response
 
-    return format_response(cot_text(problem) if think else None, answer_text(problem.answer))
+    return format_response(cot_text(problem, spell_out) if think else None, answer_text(problem.answer))

@@ -107,3 +107,22 @@ def test_row_sampler_is_a_pure_function_of_the_step():
     first_epochs = [a.global_batch(k) for k in range(5)]  # 20 rows = two epochs
     assert b.global_batch(3) == first_epochs[3]
     assert sorted(sum(first_epochs[:2], []) + first_epochs[2][:2]) == rows
+
+
+def test_task_corpus_spells_out_a_share_of_its_traces():
+    from recipes import task
+
+    records = sd.task_records([2, 3], 400, seed=1, spell_out_rate=0.5)
+    by_id = {p.id: p for p in task.train_problems([2, 3], 400, seed=1)}
+    spelled = hard = 0
+    for r in records:
+        p = by_id[r["id"]]
+        text = r["messages"][1]["content"]
+        if task.cot_text(p, spell_out=True) == task.cot_text(p):
+            assert text == task.assistant_response(p)  # nothing to spell out
+            continue
+        hard += 1
+        spelled += text == task.assistant_response(p, spell_out=True)
+        assert text in (task.assistant_response(p), task.assistant_response(p, spell_out=True))
+    assert hard > 200 and abs(spelled / hard - 0.5) < 0.08
+    assert sd.task_records([2, 3], 400, seed=1, spell_out_rate=0.5) == records  # a function of the seed

@@ -30,6 +30,38 @@ def test_hand_checked_reduction():
     assert task.solve_steps("((1+2)*3)") == ["(3*3)", "9"]
 
 
+def test_spelled_out_steps_by_hand():
+    assert task.solve_steps("83-47", spell_out=True) == ["83-40-7", "43-7", "36"]
+    assert task.solve_steps("47*3", spell_out=True) == ["40*3+7*3", "120+7*3", "120+21", "141"]
+    assert task.solve_steps("5+3*47", spell_out=True) == ["5+(3*40+3*7)", "5+(120+3*7)", "5+(120+21)", "5+141", "146"]
+    assert task.solve_steps("9+30-20", spell_out=True) == task.solve_steps("9+30-20")  # nothing hard: unchanged
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_spelled_out_steps_agree_with_eval_and_follow_reduce_once(level):
+    changed = 0
+    for p in task.generate(level, 300, seed=4):
+        steps = task.solve_steps(p.question, spell_out=True)
+        assert steps[-1] == p.answer
+        for step in steps[:-1]:
+            assert task.evaluate(step) == int(p.answer)
+        prev = p.question
+        for step in steps:
+            assert task.reduce_once(prev, spell_out=True) == step
+            prev = step
+        changed += steps != list(p.steps)
+        if steps != list(p.steps):
+            assert len(steps) > len(p.steps)
+    assert 0.1 < changed / 300 < 0.8  # hard operations are common but not everywhere
+
+
+def test_train_problems_with_one_count_per_level():
+    problems = task.train_problems([1, 4], [30, 5], seed=2)
+    assert sorted(p.level for p in problems) == [1] * 30 + [4] * 5
+    with pytest.raises(ValueError, match="2 levels"):
+        task.train_problems([1, 4], [30], seed=2)
+
+
 def test_template_matches_transformers_and_tokenizer_round_trips():
     transformers = pytest.importorskip("transformers")
     d = tempfile.mkdtemp()

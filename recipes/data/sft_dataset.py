@@ -35,9 +35,10 @@ class TaskCorpusConfig:
     """The embedded task's reference traces, used when no corpus path is given."""
 
     levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
-    n_per_level: int = 20000
+    n_per_level: int | list[int] = 20000  # or one count per level
     seed: int = 0
     valid_per_level: int = 50  # taken from the train split with another seed, for validation loss
+    spell_out_rate: float = 0.0  # share of traces that write hard operations out (see task.solve_steps)
 
 
 @dataclasses.dataclass
@@ -244,18 +245,21 @@ def check_vocab(model_vocab_size: int, hf_dir: str | Path | None = None) -> None
 # ------------------------------------------------------------------------------ the embedded corpus
 
 
-def task_records(levels: list[int], n_per_level: int, seed: int, think: bool = True) -> list[dict]:
-    """Reference traces of the embedded task in the curation record format."""
+def task_records(levels: list[int], n_per_level: int | list[int], seed: int, think: bool = True,
+                 spell_out_rate: float = 0.0) -> list[dict]:
+    """Reference traces of the embedded task in the curation record format (a spell_out_rate share of them
+    with the hard operations written out)."""
     from recipes import task
 
     records = []
     for p in task.train_problems(levels, n_per_level, seed=seed):
+        spell_out = spell_out_rate > 0 and random.Random(f"{seed}:spell:{p.id}").random() < spell_out_rate
         records.append({
             "id": p.id, "level": p.level, "problem": p.question, "answer": p.answer,
             "source": "task-reference", "teacher": "reference-solver",
             "messages": [
                 {"role": "user", "content": p.question},
-                {"role": "assistant", "content": task.assistant_response(p, think=think)},
+                {"role": "assistant", "content": task.assistant_response(p, think=think, spell_out=spell_out)},
             ],
         })
     return records
@@ -273,11 +277,12 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
 def write_task_corpus(cfg: TaskCorpusConfig, out_dir: str | Path) -> tuple[Path, Path | None]:
     """Write train (and validation) JSONL corpora of the embedded task; returns their paths."""
     out = Path(out_dir)
-    train = write_jsonl(task_records(cfg.levels, cfg.n_per_level, cfg.seed), out / "train.jsonl")
+    train = write_jsonl(task_records(cfg.levels, cfg.n_per_level, cfg.seed, spell_out_rate=cfg.spell_out_rate), out / "train.jsonl")
     valid = None
     if cfg.valid_per_level > 0:
         # another seed of the train split: unseen problems, still disjoint from the held-out benchmark
-        valid_records = task_records(cfg.levels, cfg.valid_per_level, cfg.seed + 1_000_003)
+        valid_records = task_records(cfg.levels, cfg.valid_per_level, cfg.seed + 1_000_003,
+                                     spell_out_rate=cfg.spell_out_rate)
         train_ids = {json.loads(line)["id"] for line in train.read_text().splitlines()}
         valid = write_jsonl([r for r in valid_records if r["id"] not in train_ids], out / "valid.jsonl")
     return train, valid
