@@ -139,8 +139,8 @@ def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
             out = []
             for ids in prompts:
                 p = next(p for p in problems if list(p_ids[p.id]) == ids)
-                text = lambda ok: ct.format_response("x", task.answer_text(p.answer if ok else p.answer + "1"))
-                out.append([Completion([], text(i < self.right[p.level]), "stop") for i in range(n)])
+                answers = [p.answer if i < self.right[p.level] else p.answer + "1" for i in range(n)]
+                out.append([Completion([], ct.format_response("x", task.answer_text(a)), "stop") for a in answers])
             return out
 
     problems = task.heldout_problems([2, 3], 5)

@@ -277,13 +277,14 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
 def write_task_corpus(cfg: TaskCorpusConfig, out_dir: str | Path) -> tuple[Path, Path | None]:
     """Write train (and validation) JSONL corpora of the embedded task; returns their paths."""
     out = Path(out_dir)
-    train = write_jsonl(task_records(cfg.levels, cfg.n_per_level, cfg.seed, spell_out_rate=cfg.spell_out_rate), out / "train.jsonl")
+    records = task_records(cfg.levels, cfg.n_per_level, cfg.seed, spell_out_rate=cfg.spell_out_rate)
+    train = write_jsonl(records, out / "train.jsonl")
     valid = None
     if cfg.valid_per_level > 0:
         # another seed of the train split: unseen problems, still disjoint from the held-out benchmark
         valid_records = task_records(cfg.levels, cfg.valid_per_level, cfg.seed + 1_000_003,
                                      spell_out_rate=cfg.spell_out_rate)
-        train_ids = {json.loads(line)["id"] for line in train.read_text().splitlines()}
+        train_ids = {r["id"] for r in records}
         valid = write_jsonl([r for r in valid_records if r["id"] not in train_ids], out / "valid.jsonl")
     return train, valid
 
