@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from recipes import grader, task
-from recipes.chat_template import split_response
+from recipes.chat_template import format_response, split_response
 from recipes.config import load_config
 from recipes.teacher.server import FaultConfig, TeacherConfig, TeacherServer
 from recipes.teacher.traces import RESPONSE_DEFECTS, DefectRates, TraceConfig, make_trace, parse_expression
@@ -88,6 +88,18 @@ def test_long_responses_are_cut_at_max_tokens():
     cfg = TraceConfig(defects=DefectRates())
     t = make_trace("(3+4)*5-2", 0, cfg, max_tokens=5)
     assert t.finish_reason == "length" and t.defect == "truncated"
+
+
+def test_spell_out_rate_mixes_two_trace_styles():
+    expr = "83-47+5"  # a two-digit subtrahend: the written-out style differs from the plain one
+    plain = TraceConfig(self_check_rate=0.0, defects=DefectRates())
+    spelled = TraceConfig(self_check_rate=0.0, spell_out_rate=1.0, defects=DefectRates())
+    assert make_trace(expr, 0, plain).text == format_response("36+5;41", "\\boxed{41}")
+    assert make_trace(expr, 0, spelled).text == format_response("83-40-7+5;43-7+5;36+5;41", "\\boxed{41}")
+    half = TraceConfig(self_check_rate=0.0, spell_out_rate=0.5, defects=DefectRates())
+    styles = [";43-7+5;" in make_trace(expr, seed, half).text for seed in range(400)]
+    assert 0.4 < sum(styles) / len(styles) < 0.6  # drawn per request, deterministic for a seed
+    assert styles == [";43-7+5;" in make_trace(expr, seed, half).text for seed in range(400)]
 
 
 def test_http_api_with_the_openai_client(tmp_path):

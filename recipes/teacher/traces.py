@@ -55,6 +55,7 @@ class DefectRates:
 @dataclasses.dataclass
 class TraceConfig:
     self_check_rate: float = 0.08  # clean traces that end with "wait, let me verify: expr=N"
+    spell_out_rate: float = 0.0  # clean traces that write hard operations out (83-47 -> 83-40-7;43-7;36)
     defects: DefectRates = dataclasses.field(default_factory=DefectRates)
     loop_repeats: tuple[int, int] = (4, 24)  # how often a looping trace repeats its last step
     seed: int = 0  # the server's own seed, mixed into every draw
@@ -100,7 +101,9 @@ def draw_defect(expr: str, seed: int, cfg: TraceConfig) -> str:
 
 
 def clean_think(expr: str, seed: int, cfg: TraceConfig) -> str:
-    steps = task.solve_steps(expr)
+    # two solution styles, as a real teacher's traces vary: RL can learn which one its student executes better
+    spell_out = cfg.spell_out_rate > 0 and _rng(expr, seed, cfg, "spell").random() < cfg.spell_out_rate
+    steps = task.solve_steps(expr, spell_out=spell_out)
     think = ";".join(steps)
     if _rng(expr, seed, cfg, "check").random() < cfg.self_check_rate:
         think += f";wait, let me verify: {expr}={steps[-1]}"
