@@ -54,7 +54,7 @@ class SummaryConfig:
     title: str = "held-out accuracy"
     rows: dict[str, str] = field(default_factory=dict)  # label -> JSON file (templates allowed)
     key: str = "accuracy"  # dotted key inside each JSON file
-    report: str | None = None  # where the full report is (printed as a pointer)
+    report: str | None = None  # a Markdown report: the table by level, and each step's own reports
 
 
 @dataclass
@@ -156,3 +156,56 @@ def summary_rows(cfg: PipelineConfig, profile: Profile) -> list[tuple[str, str, 
             value = float(node) if isinstance(node, (int, float)) else None
         rows.append((label, path, value))
     return rows
+
+
+# What a step leaves for people to look at, linked from the pipeline's report when present.
+_STEP_REPORTS = ("report.md", "report.html", "report/reward_curve.png", "length_hist.png", "pass_rate_hist.png")
+
+
+def level_values(path: str, key: str) -> dict[str, float]:
+    """Per-level values next to the summary key (`<parent>.by_level.<level>.<leaf>`), if the file has them."""
+    import json
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return {}
+    *parents, leaf = key.split(".")
+    node = json.loads(Path(path).read_text(encoding="utf-8"))
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    by_level = node.get("by_level") if isinstance(node, dict) else None
+    if not isinstance(by_level, dict):
+        return {}
+    return {lvl: float(v[leaf]) for lvl, v in by_level.items() if isinstance(v, dict) and isinstance(v.get(leaf), (int, float))}
+
+
+def write_report(cfg: PipelineConfig, profile: Profile, path: str) -> str:
+    """The pipeline's report: the summary table (with a column per level when the evals report levels) and
+    links to every step's own reports. Returns the Markdown it wrote."""
+    import os
+    from pathlib import Path
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}" if v <= 1 else f"{v:g}"
+
+    run_dir = run_path(profile, cfg.run_dir)
+    rows = summary_rows(cfg, profile)
+    levels = {label: level_values(file, cfg.summary.key) for label, file, _ in rows}
+    level_names = sorted({lvl for per in levels.values() for lvl in per}, key=lambda x: (len(x), x))
+    lines = [f"# {cfg.name}: {cfg.summary.title}", "", f"`{cfg.summary.key}` from each row's file.", "",
+             "| model | all | " + "".join(f"L{lvl} | " for lvl in level_names) + "from |",
+             "|---|---:|" + "---:|" * len(level_names) + "---|"]
+    for label, file, value in rows:
+        cells = "".join(f"{pct(levels[label].get(lvl))} | " for lvl in level_names)
+        lines.append(f"| {label} | {pct(value)} | {cells}`{file}` |")
+    lines += ["", "## Step reports", ""]
+    for step in cfg.steps:
+        found = [Path(run_dir) / step.name / name for name in _STEP_REPORTS]
+        found = [os.path.relpath(f, Path(path).parent) for f in found if f.exists()]
+        if found:  # pictures inline: a curve is read faster than a table
+            links = ", ".join(f"![{f}]({f})" if f.endswith(".png") else f"[{f}]({f})" for f in found)
+            lines.append(f"- **{step.name}** ({step.stage}): {links}")
+    text = "\n".join(lines) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
+    return text

@@ -226,7 +226,12 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
 
 
 def split_rows(batch: dict, rows: list[int], mbs: int) -> list[dict]:
-    return [{k: v[rows[i:i + mbs]] for k, v in batch.items()} for i in range(0, len(rows), mbs)]
+    """Micro-batches of `rows`, cut to the longest of those rows (one length for all: the pipeline schedule
+    needs it). The batch is padded to its longest response; an update on the others skips that padding."""
+    extent = int(batch["loss_mask"][rows].nonzero()[:, 1].max()) + 2 if batch["loss_mask"][rows].any() else 8
+    extent = min((extent + 7) // 8 * 8, batch["tokens"].shape[1])
+    cut = {k: v[:, :extent] if v.dim() == 2 else v for k, v in batch.items()}
+    return [{k: v[rows[i:i + mbs]] for k, v in cut.items()} for i in range(0, len(rows), mbs)]
 
 
 def full_logprobs(chunks, tokens: torch.Tensor, mbs: int, temperature: float = 1.0) -> torch.Tensor:
@@ -270,12 +275,23 @@ def plot_reward_curve(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def smooth(values: list[float], window: int = 10) -> list[float]:  # a batch of 16 prompts is noisy
+        return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                for i in range(len(values))]
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_rows], [r["reward/mean"] for r in train_rows], label="reward (train batch)")
-    ax.plot([r["step"] for r in train_rows], [r["accuracy"] for r in train_rows], label="accuracy (train batch)")
+    steps = [r["step"] for r in train_rows]
+    series = [("reward", [r["reward/mean"] for r in train_rows], "C0")]
+    accuracy = [r.get("accuracy", float("nan")) for r in train_rows]
+    if accuracy != series[0][1]:  # with the accuracy reward alone the two curves are one
+        series.append(("accuracy", accuracy, "C1"))
+    for name, values, color in series:
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(values), color=color, label=f"{name} (train batch, mean of 10 steps)")
     evals = [r for r in rows if "eval/mean" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval/mean"] for r in evals], "o-", label="held-out accuracy (pass@1)")
+    for i, key in enumerate(sorted({k for r in evals for k in r if k.startswith("eval/")})):
+        ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r],
+                "o-" if key == "eval/mean" else "o--", color=f"C{i + 2}", label=f"held-out {key[5:]} (pass@1)")
     ax.set_xlabel("GRPO step")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -359,7 +375,7 @@ def train(cfg: GRPOConfig) -> dict:
             # 3. several clipped updates: minibatches x epochs, each split over DP ranks and micro-batches
             loss_stats: list = []
             loss_fn = make_loss_fn(cfg.loss, loss_stats, temperature)
-            n, s = batch["tokens"].shape
+            n = batch["tokens"].shape[0]
             per_update = n // g.minibatches
             reports = []
             for epoch in range(g.epochs):
@@ -367,8 +383,9 @@ def train(cfg: GRPOConfig) -> dict:
                 for k in range(g.minibatches):
                     rows = order[k * per_update:(k + 1) * per_update]
                     mine = rows[dp_rank::dp]
-                    reports.append(train_step.optimizer_step(chunks, optimizer, split_rows(batch, mine,
-                                                             g.micro_batch_size), s, scheduler, loss_fn))
+                    micro = split_rows(batch, mine, g.micro_batch_size)
+                    reports.append(train_step.optimizer_step(chunks, optimizer, micro, micro[0]["tokens"].shape[1],
+                                                             scheduler, loss_fn))
             t_train = time.time() - t0
 
             # 4. new weights into the rollout engine

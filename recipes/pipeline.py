@@ -33,24 +33,31 @@ def print_summary(cfg, profile, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from launchers.pipeline import summary_rows
+    from launchers.pipeline import level_values, summary_rows
 
     rows = summary_rows(cfg, profile)
     if not rows:
         return
-    console = Console(file=file or sys.stdout, width=120)
-    table = Table("model", cfg.summary.key, "from", title=cfg.summary.title)
+
+    def cell(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1%}" if value <= 1 else f"{value:g}"
+
+    levels = {label: level_values(path, cfg.summary.key) for label, path, _ in rows}
+    names = sorted({lvl for per in levels.values() for lvl in per}, key=lambda x: (len(x), x))
+    console = Console(file=file or sys.stdout, width=140)
+    table = Table("model", cfg.summary.key, *(f"L{n}" for n in names), "from", title=cfg.summary.title)
     for label, path, value in rows:
-        table.add_row(label, "—" if value is None else f"{value:.1%}" if value <= 1 else f"{value:g}", path)
+        table.add_row(label, cell(value), *(cell(levels[label].get(n)) for n in names), path)
     console.print(table)
     if cfg.summary.report:
-        from launchers.pipeline import _substitute
+        from launchers.pipeline import _substitute, write_report
         from launchers.profiles import run_path
 
         run_dir = run_path(profile, cfg.run_dir)
         dirs = {s.name: f"{run_dir}/{s.name}" for s in cfg.steps}
-        console.print(f"report: {_substitute(cfg.summary.report, dirs, None, run_dir, 'summary.report')}",
-                      markup=False)
+        report = _substitute(cfg.summary.report, dirs, None, run_dir, "summary.report")
+        write_report(cfg, profile, report)
+        console.print(f"report: {report}", markup=False)
 
 
 def run_pipeline(config: str, overrides: list[str], executor: str | None, executor_overrides: list[str],

@@ -14,7 +14,7 @@ import torch
 from recipes import chat_template as ct
 from recipes import task
 from recipes.config import ConfigError, load_config
-from recipes.grpo import GRPOConfig, Group, PromptSampler, PromptsConfig, build_batch, check_config
+from recipes.grpo import GRPOConfig, Group, PromptSampler, PromptsConfig, build_batch, check_config, split_rows
 from recipes.metrics import read_metrics
 from recipes.rl.rejection_sampling import select_correct, to_record
 
@@ -61,6 +61,23 @@ def test_batch_layout_masks_exactly_the_response():
     assert b["adv"].tolist() == [-0.5, 0.5]
 
 
+def test_update_rows_are_cut_to_their_longest_response():
+    short = Group(problem={}, prompt=[1, 2, 3], responses=[[10, 11], [12, 259]], truncated=[False, False],
+                  rewards=[0.0, 1.0], parts={})
+    long = Group(problem={}, prompt=[1, 2, 3], responses=[[10] * 14, [11, 259]], truncated=[True, False],
+                 rewards=[0.0, 1.0], parts={})
+    b = build_batch([short, long], std_normalize=True)
+    b["old_logp"] = torch.randn(b["tokens"].shape)
+    assert b["tokens"].shape == (4, 24)  # prompt 3 + 14 response tokens, rounded up to 8
+    few = split_rows(b, [0, 1, 3], mbs=2)  # without the long response: 3 + 2 tokens fit in 8 columns
+    assert [m["tokens"].shape for m in few] == [(2, 8), (1, 8)]
+    for key in ("tokens", "labels", "loss_mask", "old_logp", "position_ids"):
+        assert torch.equal(torch.cat([m[key] for m in few]), b[key][[0, 1, 3], :8]), key
+    assert torch.equal(torch.cat([m["adv"] for m in few]), b["adv"][[0, 1, 3]])
+    assert sum(float(m["loss_mask"].sum()) for m in few) == float(b["loss_mask"][[0, 1, 3]].sum())  # nothing lost
+    assert [m["tokens"].shape[1] for m in split_rows(b, [2, 0], mbs=2)] == [24]
+
+
 def test_rejection_sampling_keeps_verified_distinct_responses():
     p = task.generate(2, 1, seed=5)[0]
     good = task.assistant_response(p)
@@ -99,7 +116,7 @@ def test_loop_runs_and_resume_replays_exactly(tmp_path):
     assert full[0]["grad_norm"] > 0 and full[1]["kl"] > 0  # real updates moved the policy from the reference
     assert (tmp_path / "full" / "report" / "reward_curve.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
-    assert set(summary["eval_after"]) == {"L2", "L3", "mean"}
+    assert set(summary["eval_after"]) == {"L3", "L4", "mean"}
 
     # stop after 2 steps ... then continue to 3 from the step-2 checkpoint
     part = tmp_path / "part"

@@ -169,3 +169,31 @@ def test_local_pipeline_stops_after_a_failed_stage(tmp_path, monkeypatch):
     assert stage_state(tmp_path / "run" / "second") == "FAILED"
     assert not (tmp_path / "run" / "second" / "problems.jsonl").exists()
     assert "invalid choice: 'bogus'" in proc.stdout  # the failed stage's log tail reaches the user
+
+
+def test_pipeline_report_tables_levels_and_links_step_reports(tmp_path):
+    from launchers.pipeline import write_report
+
+    run = tmp_path / "run"
+    by_level = {"base": {"1": 0.0, "2": 0.0}, "sft": {"1": 0.9, "2": 0.5}}
+    for step, levels in by_level.items():
+        (run / f"eval_{step}").mkdir(parents=True)
+        bench = {"pass@1": sum(levels.values()) / 2, "by_level": {k: {"pass@1": v} for k, v in levels.items()}}
+        (run / f"eval_{step}" / "summary.json").write_text(json.dumps({"benchmarks": {"embedded": bench}}))
+    (run / "eval_sft" / "report.html").write_text("<html></html>")
+    (run / "grpo" / "report").mkdir(parents=True)
+    (run / "grpo" / "report" / "reward_curve.png").write_bytes(b"png")
+    steps = [{"name": n, "stage": st} for n, st in [("grpo", "grpo"), ("eval_base", "eval"), ("eval_sft", "eval")]]
+    cfg = load_config(PipelineConfig, None, ["name=t", f"run_dir={run}", f"steps={json.dumps(steps)}",
+                                             "summary.key=benchmarks.embedded.pass@1",
+                                             "summary.rows={base: '${eval_base.dir}/summary.json', "
+                                             "SFT: '${eval_sft.dir}/summary.json', GRPO: '${grpo.dir}/none.json'}"])
+    text = write_report(cfg, load_profile("local", []), str(run / "report.md"))
+    assert (run / "report.md").read_text() == text
+    lines = text.splitlines()
+    assert "| model | all | L1 | L2 | from |" in lines
+    assert f"| SFT | 70.0% | 90.0% | 50.0% | `{run}/eval_sft/summary.json` |" in lines
+    assert f"| GRPO | - | - | - | `{run}/grpo/none.json` |" in lines  # a step that wrote nothing reads as missing
+    assert "- **grpo** (grpo): ![grpo/report/reward_curve.png](grpo/report/reward_curve.png)" in lines
+    assert "- **eval_sft** (eval): [eval_sft/report.html](eval_sft/report.html)" in lines
+    assert not any(line.startswith("- **eval_base**") for line in lines)  # no report there, no link

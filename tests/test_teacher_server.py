@@ -31,8 +31,11 @@ def test_parse_expression_from_a_user_message():
     assert parse_expression("What is the capital of France?") is None
 
 
-def test_clean_traces_are_canonical_compact_and_correct():
+@pytest.mark.parametrize("spell_out", [True, False])
+def test_clean_traces_are_canonical_compact_and_correct(spell_out):
     cfg = _cfg()
+    assert cfg.traces.spell_out_rate == 1.0  # the embedded default: every clean trace writes hard operations out
+    cfg.traces.spell_out_rate = 1.0 if spell_out else 0.0
     think_chars = cot_chars = 0
     problems = task.train_problems([1, 2, 3], 300, seed=5)
     for p in problems:
@@ -42,10 +45,11 @@ def test_clean_traces_are_canonical_compact_and_correct():
                 continue
             thinking, answer_part, closed = split_response(t.text)
             assert closed and t.finish_reason == "stop"
-            assert thinking.startswith(task.cot_text(p))  # the canonical reduction, maybe a self-check after
+            cot = task.cot_text(p, spell_out=spell_out)
+            assert thinking.startswith(cot)  # the canonical reduction, maybe a self-check after
             assert grader.grade(grader.extract_answer(answer_part), p.answer)
             think_chars += len(thinking)
-            cot_chars += len(task.cot_text(p))
+            cot_chars += len(cot)
     assert think_chars / cot_chars <= 1.5
 
 

@@ -39,8 +39,9 @@ def main() -> None:
         runs[seed] = {"before": s["eval_before"], "after": s["eval_after"], "steps": s["steps_done"],
                       "train_seconds": s["train_seconds"]}
         print(json.dumps({seed: runs[seed]}), flush=True)
-    gain = sum(r["after"]["mean"] - r["before"]["mean"] for r in runs.values()) / len(runs)
-    result = {"runs": runs, "mean_gain_points": round(100 * gain, 2), "minutes": args.minutes}
+    keys = runs[args.seeds[0]]["before"]  # L<level> ... and "mean"
+    gains = {k: round(100 * sum(r["after"][k] - r["before"][k] for r in runs.values()) / len(runs), 2) for k in keys}
+    result = {"runs": runs, "gain_points": gains, "mean_gain_points": gains["mean"], "minutes": args.minutes}
     (out / "accuracy_gain.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

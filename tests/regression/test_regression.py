@@ -41,6 +41,9 @@ def test_repository_goldens_load():
     ci = [name for name, cfg in goldens.configs.items() if cfg.ci]
     assert "tiny_cpu_sft" in ci and all(goldens.configs[n].checks for n in goldens.configs)
     assert goldens.configs["tiny_cpu_sft"].config == "nemo_configs/sft/tiny_cpu.yaml"
+    root = GOLDENS.parents[2]
+    missing = [c.config for c in goldens.configs.values() if not (root / c.config).is_file()]
+    assert not missing, f"goldens name configs that do not exist: {missing}"
 
 
 @pytest.fixture()
