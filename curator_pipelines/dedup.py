@@ -44,7 +44,10 @@ def shingles(text: str, k: int) -> set[str]:
 
 
 def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
+    if not (a or b):
+        return 1.0
+    inter = len(a & b)  # |a | b| from the sizes: no union set is built (this runs per LSH candidate)
+    return inter / (len(a) + len(b) - inter)
 
 
 def exact_duplicates(docs: list[tuple[int, str, str]]) -> dict[int, tuple[bool, float, str]]:
@@ -88,7 +91,12 @@ def fuzzy_duplicates(docs: list[tuple[int, str, str]], cfg: DedupConfig) -> dict
         best, best_j = None, 0.0
         for cand in sorted(lsh.query(mh)):
             cp, cr = kept[cand]
-            j = min(jaccard(p_sh, cp), jaccard(r_sh, cr))
+            # short, similar traces give many candidates: the (short) problems decide most of them, and
+            # min(p, r) cannot beat best_j when p does not
+            j = jaccard(p_sh, cp)
+            if j <= best_j:
+                continue
+            j = min(j, jaccard(r_sh, cr))
             if j > best_j:
                 best, best_j = cand, j
         if best is not None and best_j >= cfg.threshold:
