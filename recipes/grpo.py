@@ -213,8 +213,12 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
         if temperature != 1.0:
             logits = logits / temperature
         logp = train_step.vocab_parallel_log_probs(logits, batch["labels"])
-        loss_sum, denom, st = policy_loss(logp, batch["old_logp"], batch["adv"], batch["loss_mask"], cfg,
-                                          batch.get("ref_logp"))
+        # outside the mask the policy is compared with itself: those columns may hold no computed log-prob (0),
+        # and exp(ref - logp) of one could overflow to inf, which the mask's 0 would turn into NaN
+        inside = batch["loss_mask"] > 0
+        old = torch.where(inside, batch["old_logp"], logp.detach())
+        ref = None if batch.get("ref_logp") is None else torch.where(inside, batch["ref_logp"], logp.detach())
+        loss_sum, denom, st = policy_loss(logp, old, batch["adv"], batch["loss_mask"], cfg, ref)
         with torch.no_grad():
             shard_logp = train_step.vocab_parallel_log_softmax(logits.detach())
             ent = -train_step.tp_sum((shard_logp.exp() * shard_logp).sum(-1))
@@ -225,21 +229,49 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
     return loss_fn
 
 
-def split_rows(batch: dict, rows: list[int], mbs: int) -> list[dict]:
-    """Micro-batches of `rows`, cut to the longest of those rows (one length for all: the pipeline schedule
-    needs it). The batch is padded to its longest response; an update on the others skips that padding."""
-    extent = int(batch["loss_mask"][rows].nonzero()[:, 1].max()) + 2 if batch["loss_mask"][rows].any() else 8
-    extent = min((extent + 7) // 8 * 8, batch["tokens"].shape[1])
-    cut = {k: v[:, :extent] if v.dim() == 2 else v for k, v in batch.items()}
-    return [{k: v[rows[i:i + mbs]] for k, v in cut.items()} for i in range(0, len(rows), mbs)]
+def response_ends(loss_mask: torch.Tensor) -> list[int]:
+    """Per row, the columns a forward pass needs: up to the last response token's label, rounded up to 8."""
+    ends = []
+    for row in loss_mask:
+        hit = row.nonzero()
+        end = int(hit[-1]) + 2 if len(hit) else 8
+        ends.append(min((end + 7) // 8 * 8, loss_mask.shape[1]))
+    return ends
 
 
-def full_logprobs(chunks, tokens: torch.Tensor, mbs: int, temperature: float = 1.0) -> torch.Tensor:
-    """[B, S] log p(labels) aligned with `labels` (the last column, a padding label, is 0)."""
+def split_rows(batch: dict, rows: list[int], mbs: int, one_length: bool = False) -> list[dict]:
+    """Micro-batches of `rows`, shortest responses together, each cut to its longest row: padding to the batch's
+    longest response costs ~half the forward and backward compute when lengths vary. `one_length` cuts all to the
+    longest of `rows` (pipeline parallelism sends one activation shape between stages). Which micro-batch a row
+    lands in does not change the loss: megatron sums loss and token counts over micro-batches."""
+    ends = response_ends(batch["loss_mask"][rows])
+    by_length = sorted(range(len(rows)), key=lambda i: ends[i])
+    out = []
+    for i in range(0, len(rows), mbs):
+        part = by_length[i:i + mbs]
+        extent = max(ends) if one_length else max(ends[j] for j in part)
+        idx = [rows[j] for j in part]
+        out.append({k: v[idx, :extent] if v.dim() == 2 else v[idx] for k, v in batch.items()})
+    return out
+
+
+def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, one_length: bool = False) -> torch.Tensor:
+    """[B, S] log p(labels) aligned with `labels`, over length-sorted micro-batches as in `split_rows` (0 past each
+    micro-batch's extent and in the last column, outside every loss mask)."""
     from recipes.megatron import train_step
 
-    lp = train_step.logprobs_of(chunks, tokens, micro_batch_size=mbs, temperature=temperature)
-    return torch.cat([lp, torch.zeros(lp.shape[0], 1)], dim=1)
+    n, s = batch["tokens"].shape
+    out = torch.zeros(n, s)
+    if one_length:  # one forward-only schedule over all rows (every micro-batch the same shape)
+        out[:, :-1] = train_step.logprobs_of(chunks, batch["tokens"], micro_batch_size=mbs, temperature=temperature)
+        return out
+    rows = list(range(n))
+    for micro in split_rows({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"],
+                             "row": torch.arange(n)}, rows, mbs):
+        extent = micro["tokens"].shape[1]
+        lp = train_step.logprobs_of(chunks, micro["tokens"], temperature=temperature)
+        out[micro["row"], :extent - 1] = lp
+    return out
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -354,6 +386,7 @@ def train(cfg: GRPOConfig) -> dict:
     t_run = time.time()
     done = start
     temperature = cfg.rollout.temperature  # the trainer scores the distribution the rollouts were sampled from
+    one_length = ps.get_pipeline_model_parallel_world_size() > 1
     with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
         bar_task = bar.add_task("grpo", total=g.steps, completed=start, info="")
         for step in range(start, g.steps):
@@ -368,9 +401,9 @@ def train(cfg: GRPOConfig) -> dict:
             # 2. behaviour (and reference) log-probs, recomputed by the trainer
             t0 = time.time()
             batch = build_batch(groups, g.std_normalize)
-            batch["old_logp"] = full_logprobs(chunks, batch["tokens"], g.micro_batch_size, temperature)
+            batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, one_length)
             if ref_chunks is not None:
-                batch["ref_logp"] = full_logprobs(ref_chunks, batch["tokens"], g.micro_batch_size, temperature)
+                batch["ref_logp"] = full_logprobs(ref_chunks, batch, g.micro_batch_size, temperature, one_length)
 
             # 3. several clipped updates: minibatches x epochs, each split over DP ranks and micro-batches
             loss_stats: list = []
@@ -383,9 +416,10 @@ def train(cfg: GRPOConfig) -> dict:
                 for k in range(g.minibatches):
                     rows = order[k * per_update:(k + 1) * per_update]
                     mine = rows[dp_rank::dp]
-                    micro = split_rows(batch, mine, g.micro_batch_size)
-                    reports.append(train_step.optimizer_step(chunks, optimizer, micro, micro[0]["tokens"].shape[1],
-                                                             scheduler, loss_fn))
+                    micro = split_rows(batch, mine, g.micro_batch_size, one_length)
+                    reports.append(train_step.optimizer_step(chunks, optimizer, micro,
+                                                             max(m["tokens"].shape[1] for m in micro), scheduler,
+                                                             loss_fn))
             t_train = time.time() - t0
 
             # 4. new weights into the rollout engine

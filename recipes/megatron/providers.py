@@ -12,7 +12,8 @@ Offers:
 - `padded_vocab_size(hf, tp)`, `rope_inv_freq(hf)` (HF's RoPE frequencies including llama3/linear scaling).
 
 The Transformer Engine layer spec is used when `import transformer_engine` works (GPU), the local megatron-core
-spec otherwise (`transformer_impl="local"`, CPU initialisation, no fused kernels).
+spec otherwise (`transformer_impl="local"`, CPU initialisation, no fused kernels; its core attention through
+torch's SDPA, `sdpa_attention.py`).
 """
 
 from __future__ import annotations
@@ -165,9 +166,13 @@ def layer_spec(config):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from recipes.megatron.sdpa_attention import SDPADotProductAttention
+
     if config.transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
 
 
 def build_model(hf: dict, tp: int = 1, pp: int = 1, seed: int = 0, *, ddp: bool = True,
@@ -205,6 +210,11 @@ def build_model(hf: dict, tp: int = 1, pp: int = 1, seed: int = 0, *, ddp: bool 
     # megatron's llama3 scaling hard-codes original_max_position_embeddings=8192: use HF's frequencies instead
     model.rotary_pos_emb.inv_freq = rope_inv_freq(hf).to(model.rotary_pos_emb.inv_freq.device)
     model.hf_config = hf
+    # the local spec's RMSNorm (torch.nn.RMSNorm) keeps fp32 weights in a bf16 model, which megatron's mixed-
+    # precision optimizer then files apart from the rest and its checkpoint mapping no longer lines up
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != config.params_dtype:
+            param.data = param.data.to(config.params_dtype)
     if not runtime.is_cpu():
         model.cuda(torch.cuda.current_device())
     if not ddp:

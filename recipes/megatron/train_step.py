@@ -231,13 +231,16 @@ def forward_backward(model_chunks: list, micro_batches: list[dict], seq_length: 
 
     if not micro_batches:
         raise ValueError("forward_backward: no micro-batches")
+    from megatron.core import parallel_state as ps
+
     shape = tuple(micro_batches[0]["tokens"].shape)
-    for i, mb in enumerate(micro_batches):
-        if tuple(mb["tokens"].shape) != shape:
-            raise ValueError(f"micro-batch {i}: tokens shape {tuple(mb['tokens'].shape)} != {shape} "
-                             "(all micro-batches of a step share [B, S])")
-    if shape[1] != seq_length:
-        raise ValueError(f"micro-batch tokens have S={shape[1]} but seq_length={seq_length}")
+    if ps.get_pipeline_model_parallel_world_size() > 1:  # stages exchange activations of one [S, B, H] shape
+        for i, mb in enumerate(micro_batches):
+            if tuple(mb["tokens"].shape) != shape:
+                raise ValueError(f"micro-batch {i}: tokens shape {tuple(mb['tokens'].shape)} != {shape} "
+                                 "(with pipeline parallelism all micro-batches of a step share [B, S])")
+        if shape[1] != seq_length:
+            raise ValueError(f"micro-batch tokens have S={shape[1]} but seq_length={seq_length}")
     _configure(model_chunks)
     store = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn),

@@ -1,0 +1,43 @@
+"""Core attention for megatron-core's local layer spec through `torch.nn.functional.scaled_dot_product_attention`.
+
+megatron-core's local `DotProductAttention` materialises the [b, heads, s, s] scores and runs mask, softmax and
+their backward as separate passes over them; on CPU that was ~40% of a tiny model's training step. SDPA computes
+the same softmax(QK^T * scale + mask) V with a fused kernel (flash attention on CPU). Configurations it does not
+cover (attention dropout while training, sliding windows, softmax offsets, query-key layer scaling, a query
+shorter than the keys) run megatron's own forward. With Transformer Engine (GPU) its attention is used instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class SDPADotProductAttention(DotProductAttention):
+    def _sdpa_applies(self, query, key, attention_bias, packed_seq_params) -> bool:
+        cfg = self.config
+        dropout = self.attention_dropout.p if self.training else 0.0
+        return (attention_bias is None and packed_seq_params is None and dropout == 0.0
+                and self.scale_mask_softmax.window_size is None and cfg.softmax_type == "vanilla"
+                and not cfg.apply_query_key_layer_scaling and query.size(0) == key.size(0))
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if not self._sdpa_applies(query, key, attention_bias, packed_seq_params):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        sq, b = query.size(0), query.size(1)
+        group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        # [s, b, heads, d] -> [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if attention_mask is not None:  # megatron's mask is True where attention is NOT allowed; SDPA's the opposite
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
+        else:
+            causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and sq > 1
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale)
+        # [b, heads, s, d] -> [s, b, heads * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
