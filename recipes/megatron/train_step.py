@@ -9,7 +9,8 @@ Offers:
 - TP helpers for custom losses: `gather_logits`, `vocab_parallel_log_probs`, `vocab_parallel_log_softmax`,
   `tp_sum`; packing helpers `packed_attention_mask(segment_ids)`, `cu_seqlens_from_segments`.
 
-Batch format (one dict per micro-batch, all micro-batches of one step share [B, S]):
+Batch format (one dict per micro-batch, with pipeline parallelism all micro-batches of one step share
+[B, S]; without it each may have its own):
   tokens [B,S] long, labels [B,S] long (the next token: labels[:, t] = tokens[:, t+1]), loss_mask [B,S] float,
   position_ids [B,S] long, attention_mask None (plain causal) or bool [B,1,S,S] with True = masked out
   (megatron's convention; `packed_attention_mask` builds the block-diagonal causal mask of packed sequences).
