@@ -115,7 +115,7 @@ def test_grpo_length_sorted_micro_batches_match_one_padded_batch():
             for chunk in chunks:
                 chunk.zero_grad_buffer()
             stats = []
-            # perturb the policy away from old_logp so that the ratio and the clip take part
+            # the loss at temperature 0.7 against log-probs at 1.0: ratios away from 1, so the clip takes part
             rep = train_step.forward_backward(chunks, micro, max(m["tokens"].shape[1] for m in micro),
                                               loss_fn=make_loss_fn(cfg, stats, temperature=0.7))
             grads[name] = torch.cat([p.main_grad.reshape(-1).clone() for p in chunks[0].parameters()])
