@@ -166,10 +166,10 @@ def layer_spec(config):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    from recipes.megatron.sdpa_attention import SDPADotProductAttention
-
     if config.transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    from recipes.megatron.sdpa_attention import SDPADotProductAttention
+
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     return spec
