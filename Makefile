@@ -6,7 +6,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.nrr-installed
 export UV_CACHE_DIR := $(CURDIR)/.cache/uv
 export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
-export OMP_WAIT_POLICY := PASSIVE
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: env demo test test-fast clean-env
@@ -29,9 +28,12 @@ $(STAMP): constraints/cpu.txt pyproject.toml
 demo: env
 	$(BIN)/nrr pipeline --config nemo_configs/pipeline/embedded.yaml
 
+# tests run several processes at once on two cores: idle OpenMP threads sleep instead of spinning
+test: export OMP_WAIT_POLICY := PASSIVE
 test: env
 	$(BIN)/python -m pytest -q -ra --timeout=900 tests
 
+test-fast: export OMP_WAIT_POLICY := PASSIVE
 test-fast: env
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 

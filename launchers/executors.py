@@ -83,6 +83,8 @@ def build_executor(task: StageTask, profile: Profile):
     torchrun = task.spec.launcher == "torchrun"
     if isinstance(profile, LocalProfile):
         env = {**profile.env, **_venv_path_env()}
+        if torchrun and nproc_per_node(profile) > 1:  # ranks share this machine's cores: idle threads sleep
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return run.LocalExecutor(
             ntasks_per_node=nproc_per_node(profile) if torchrun else 1,
             launcher="torchrun" if torchrun else None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 # name -> (module, one-line help). A stage appears here when it lands.
@@ -44,7 +43,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2-thread step times swing 4-8x otherwise
     parser = _parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         if argv and argv[0] not in ("-h", "--help"):

@@ -26,7 +26,7 @@ from recipes import task
 from recipes import tokenizer as tok
 from recipes.config import ConfigError, load_config, save_config
 from recipes.rl.advantages import group_advantages, informative_groups
-from recipes.rl.losses import LossConfig, policy_loss
+from recipes.rl.losses import LossConfig, policy_loss, reduce_loss
 from recipes.rl.rewards import RewardsConfig, Sample, check_weights, score
 from recipes.rl.rollout import RolloutConfig
 from recipes.sft import (CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, TrainingConfig, resolve_path,
@@ -216,7 +216,9 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
         # outside the mask the policy is compared with itself: those columns may hold no computed log-prob (0),
         # and exp(ref - logp) of one could overflow to inf, which the mask's 0 would turn into NaN
         inside = batch["loss_mask"] > 0
-        old = torch.where(inside, batch["old_logp"], logp.detach())
+        # rows of an update made before any other from this batch are scored by this forward pass itself
+        fresh = ~inside | batch["on_policy"] if "on_policy" in batch else ~inside
+        old = torch.where(fresh, logp.detach(), batch["old_logp"])
         ref = None if batch.get("ref_logp") is None else torch.where(inside, batch["ref_logp"], logp.detach())
         loss_sum, denom, st = policy_loss(logp, old, batch["adv"], batch["loss_mask"], cfg, ref)
         with torch.no_grad():
@@ -224,6 +226,8 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
             ent = -train_step.tp_sum((shard_logp.exp() * shard_logp).sum(-1))
             st["entropy_sum"] = float((ent * batch["loss_mask"]).sum())
         stats.append(st)
+        if "idle_denominator" in batch:  # rows left out of the forward pass still count in the average
+            denom = denom + batch["idle_denominator"]
         return loss_sum, denom
 
     return loss_fn
@@ -255,9 +259,28 @@ def split_rows(batch: dict, rows: list[int], mbs: int, one_length: bool = False)
     return out
 
 
-def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, one_length: bool = False) -> torch.Tensor:
+def rows_to_train(batch: dict, rows: list[int], cfg: LossConfig) -> tuple[list[int], float]:
+    """The rows of `rows` whose loss has a gradient, and the loss denominator of the others.
+
+    Without a KL term a row whose advantage is 0 (every row of a group whose responses all scored the same) adds 0
+    to the loss and to the gradient, yet counts in the variant's denominator. Leaving it out of the forward and
+    backward passes and adding its denominator gives the same update for a fraction of the compute. One row is
+    always kept: the optimizer steps either way (Adam's moments move the weights with a zero gradient too).
+    """
+    if cfg.kl_coef > 0 or not rows:
+        return rows, 0.0
+    keep = [r for r in rows if float(batch["adv"][r]) != 0.0] or rows[:1]
+    idle = sorted(set(rows) - set(keep))
+    if not idle:
+        return keep, 0.0
+    mask = batch["loss_mask"][idle]
+    return keep, float(reduce_loss(torch.zeros_like(mask), mask, cfg)[1])
+
+
+def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, one_length: bool = False,
+                  rows: list[int] | None = None) -> torch.Tensor:
     """[B, S] log p(labels) aligned with `labels`, over length-sorted micro-batches as in `split_rows` (0 past each
-    micro-batch's extent and in the last column, outside every loss mask)."""
+    micro-batch's extent and in the last column, outside every loss mask); only `rows` when given (others 0)."""
     from recipes.megatron import train_step
 
     n, s = batch["tokens"].shape
@@ -265,7 +288,9 @@ def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, one_l
     if one_length:  # one forward-only schedule over all rows (every micro-batch the same shape)
         out[:, :-1] = train_step.logprobs_of(chunks, batch["tokens"], micro_batch_size=mbs, temperature=temperature)
         return out
-    rows = list(range(n))
+    rows = list(range(n)) if rows is None else rows
+    if not rows:
+        return out
     for micro in split_rows({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"],
                              "row": torch.arange(n)}, rows, mbs):
         extent = micro["tokens"].shape[1]
@@ -401,22 +426,34 @@ def train(cfg: GRPOConfig) -> dict:
             # 2. behaviour (and reference) log-probs, recomputed by the trainer
             t0 = time.time()
             batch = build_batch(groups, g.std_normalize)
-            batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, one_length)
+            n = batch["tokens"].shape[0]
+            per_update = n // g.minibatches
+            orders = [torch.randperm(n, generator=torch.Generator().manual_seed(step * 1000 + epoch)).tolist()
+                      for epoch in range(g.epochs)]
+            # which rows each update trains: with pipeline parallelism all of them (micro-batches keep one shape)
+            updates = [[rows_to_train(batch, order[k * per_update:(k + 1) * per_update][dp_rank::dp], cfg.loss)
+                        if not one_length else (order[k * per_update:(k + 1) * per_update][dp_rank::dp], 0.0)
+                        for k in range(g.minibatches)] for order in orders]
+            # the first update scores its rows in its own forward pass (the weights have not moved yet); the
+            # others need them from before the first update
+            later = sorted({r for e, per_epoch in enumerate(updates) for k, (rows, _) in enumerate(per_epoch)
+                            if (e, k) != (0, 0) for r in rows})
+            batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, one_length, later)
             if ref_chunks is not None:
                 batch["ref_logp"] = full_logprobs(ref_chunks, batch, g.micro_batch_size, temperature, one_length)
 
             # 3. several clipped updates: minibatches x epochs, each split over DP ranks and micro-batches
             loss_stats: list = []
             loss_fn = make_loss_fn(cfg.loss, loss_stats, temperature)
-            n = batch["tokens"].shape[0]
-            per_update = n // g.minibatches
             reports = []
             for epoch in range(g.epochs):
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(step * 1000 + epoch)).tolist()
                 for k in range(g.minibatches):
-                    rows = order[k * per_update:(k + 1) * per_update]
-                    mine = rows[dp_rank::dp]
+                    mine, idle_denominator = updates[epoch][k]
                     micro = split_rows(batch, mine, g.micro_batch_size, one_length)
+                    micro[0]["idle_denominator"] = torch.tensor(idle_denominator)
+                    if (epoch, k) == (0, 0) and not one_length:
+                        for m in micro:
+                            m["on_policy"] = torch.tensor(True)
                     reports.append(train_step.optimizer_step(chunks, optimizer, micro,
                                                              max(m["tokens"].shape[1] for m in micro), scheduler,
                                                              loss_fn))

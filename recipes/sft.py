@@ -446,7 +446,10 @@ def launch(module: str, cfg_world: int, nodes: int, config: str | None, override
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg_world}",
            "-m", module]
     cmd += (["--config", config] if config else []) + list(overrides)
-    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    # the ranks share this node's cores: their idle OpenMP threads sleep rather than spin for each other
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    return subprocess.call(cmd, env=env)
 
 
 def quiet_cpu_warnings() -> None:

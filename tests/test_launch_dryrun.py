@@ -89,12 +89,13 @@ def test_profile_errors_name_the_key():
 def test_pipeline_wires_outputs_to_inputs():
     cfg = load_config(PipelineConfig, ROOT / "nemo_configs/pipeline/embedded.yaml", ["run_dir=/runs/x"])
     tasks = {t.name: t for t in plan(cfg, load_profile("local"))}
-    assert list(tasks) == ["curate", "base", "sft", "grpo", "eval_base", "eval_sft", "eval_grpo", "export"]
+    assert list(tasks) == ["curate", "base", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo", "export"]
     assert tasks["curate"].requires == []
     assert "output.dir=/runs/x/curate" in tasks["curate"].nrr_args
-    assert tasks["sft"].requires == ["/runs/x/curate"]
+    # one stage at a time on the local machine: `after` chains the steps that share no outputs
+    assert tasks["sft"].requires == ["/runs/x/eval_base", "/runs/x/curate"]
     assert "data.train_path=/runs/x/curate/curated.jsonl" in tasks["sft"].nrr_args
-    assert tasks["grpo"].requires == ["/runs/x/sft"]
+    assert tasks["grpo"].requires == ["/runs/x/eval_sft", "/runs/x/sft"]
     assert "model.init_checkpoint=/runs/x/sft/checkpoints" in tasks["grpo"].nrr_args
     assert tasks["eval_grpo"].requires == ["/runs/x/grpo"] and tasks["eval_base"].requires == ["/runs/x/base"]
     # stages with subcommands take the subcommand first, then --config

@@ -1,5 +1,6 @@
 """The local spec's SDPA core attention against megatron-core's own DotProductAttention; a bf16 model's
-checkpoint round trip; GRPO's length-sorted micro-batches against one padded batch."""
+checkpoint round trip; GRPO's length-sorted micro-batches against one padded batch, and its update that leaves
+zero-advantage rows out of the forward pass against the update over every row."""
 
 from __future__ import annotations
 
@@ -130,3 +131,54 @@ def test_grpo_length_sorted_micro_batches_match_one_padded_batch():
     assert sorted(sorted_lengths) == sorted_lengths and sorted_lengths[0] < 40 and sum(sorted_lengths) < 4 * 40
     assert abs(float(vals["PADDED"][-1]) - float(vals["SORTED"][-1])) < 1e-5
     assert float(vals["GRAD"][0]) < 1e-4
+
+
+def test_grpo_update_without_zero_advantage_rows_matches_the_full_update():
+    out = run_python("""
+        import torch
+        from recipes.grpo import Group, build_batch, full_logprobs, make_loss_fn, rows_to_train, split_rows
+        from recipes.megatron import providers, runtime, train_step
+        from recipes.rl.losses import LossConfig
+        runtime.init_distributed(1, 1)
+        hf = providers.load_hf_config("recipes/assets/models/tiny-qwen2/config.json")
+        chunks = providers.build_model(hf, 1, 1, seed=7)
+        g = torch.Generator().manual_seed(1)
+        groups = []
+        for lengths, rewards in (([3, 30, 7, 12], [1.0, 0.0, 0.0, 1.0]), ([25, 2, 16, 9], [0.0, 0.0, 0.0, 0.0]),
+                                 ([5, 11, 4, 20], [1.0, 1.0, 1.0, 1.0]), ([8, 6, 14, 3], [0.0, 1.0, 0.0, 0.0])):
+            responses = [torch.randint(0, 250, (n,), generator=g).tolist() + [259] for n in lengths]
+            groups.append(Group(problem={}, prompt=[256, 5, 6, 7], responses=responses,
+                                truncated=[False] * 4, rewards=rewards, parts={}))
+        batch = build_batch(groups, std_normalize=True)
+        rows = list(range(16))
+        batch["old_logp"] = full_logprobs(chunks, batch, mbs=4, temperature=0.7)
+        for variant in ("grpo", "dapo", "dr_grpo"):
+            cfg = LossConfig(variant=variant, kl_coef=0.0, max_response_tokens=32)
+            kept, idle = rows_to_train(batch, rows, cfg)
+            runs = {"all": split_rows(batch, rows, 4)}
+            # the shortcut: only rows with a gradient, scored by their own forward pass (no old log-probs at all)
+            short = dict(batch, old_logp=torch.full_like(batch["old_logp"], float("nan")))
+            runs["kept"] = split_rows(short, kept, 4)
+            runs["kept"][0]["idle_denominator"] = torch.tensor(idle)
+            for m in runs["kept"]:
+                m["on_policy"] = torch.tensor(True)
+            grads = {}
+            for name, micro in runs.items():
+                for chunk in chunks:
+                    chunk.zero_grad_buffer()
+                rep = train_step.forward_backward(chunks, micro, max(m["tokens"].shape[1] for m in micro),
+                                                  loss_fn=make_loss_fn(cfg, [], temperature=0.7))
+                grads[name] = torch.cat([p.main_grad.reshape(-1).clone() for p in chunks[0].parameters()])
+                print(variant, name, len(micro), rep["loss"], rep["num_tokens"])
+            print(variant, "GRAD", float((grads["all"] - grads["kept"]).norm() / grads["all"].norm()), len(kept), idle)
+        """)
+    seen = set()
+    for variant in ("grpo", "dapo", "dr_grpo"):
+        rows = {line.split()[1]: line.split()[2:] for line in out.splitlines() if line.startswith(variant + " ")}
+        # 8 rows of the two all-equal groups are left out; the denominator still counts them
+        assert rows["all"][0] == "4" and rows["kept"][0] == "2", rows
+        assert rows["GRAD"][1] == "8" and float(rows["GRAD"][2]) > 0
+        assert abs(float(rows["all"][1]) - float(rows["kept"][1])) < 1e-6 and rows["all"][2] == rows["kept"][2]
+        assert float(rows["GRAD"][0]) < 1e-5, rows
+        seen.add(rows["all"][2])
+    assert len(seen) == 2  # sequences (grpo, dr_grpo: 16) and tokens (dapo) are different denominators
