@@ -145,6 +145,22 @@ def _disable_cpu_layer() -> None:
     _STATE["cpu_layer"] = None
 
 
+@contextlib.contextmanager
+def cpu_layer_suspended():
+    """A block run without the CPU device layer's torch-function mode, for code that never places anything on CUDA
+    (vLLM's CPU engine): the mode is a Python call on every torch op, and decoding a small model is mostly ops."""
+    state = _STATE["cpu_layer"]
+    if state is None:
+        yield
+        return
+    mode = state[0]
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------------
