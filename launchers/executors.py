@@ -42,6 +42,7 @@ class StageTask:
     serve_cmd: str | None = None
     serve_port: int = 8000
     serve_ready_path: str = "/health"
+    env: dict[str, str] = field(default_factory=dict)  # this stage's variables, over the profile's
 
     def entry_args(self) -> list[str]:
         args: list[str] = []
@@ -76,9 +77,18 @@ def build_script(task: StageTask, profile: Profile):
     return run.Script(path="launchers.entry", m=True, entrypoint="python", args=task.entry_args())
 
 
+def with_task_env(task: StageTask, profile: Profile) -> Profile:
+    """`profile` with the stage's own variables added to (and overriding) the profile's."""
+    import dataclasses
+
+    return dataclasses.replace(profile, env={**profile.env, **task.env}) if task.env else profile
+
+
 def build_executor(task: StageTask, profile: Profile):
     """The NeMo-Run executor for one stage under `profile`."""
     import nemo_run as run
+
+    profile = with_task_env(task, profile)
 
     torchrun = task.spec.launcher == "torchrun"
     if isinstance(profile, LocalProfile):

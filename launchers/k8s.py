@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from launchers.executors import StageTask, k8s_env, k8s_volumes, offline_kubeconfig
+from launchers.executors import StageTask, k8s_env, k8s_volumes, offline_kubeconfig, with_task_env
 from launchers.profiles import REPO_ROOT, K8sProfile
 
 CRD_DIR_ENV = "NRR_K8S_CRDS"
@@ -128,8 +128,8 @@ def _k8s_name(name: str) -> str:
 
 
 def manifests_for(tasks: list[StageTask], profile: K8sProfile) -> list[dict[str, Any]]:
-    return [rayjob_manifest(t, profile) if t.spec.launcher == "ray" else trainjob_manifest(t, profile)
-            for t in tasks]
+    return [rayjob_manifest(t, with_task_env(t, profile)) if t.spec.launcher == "ray"
+            else trainjob_manifest(t, with_task_env(t, profile)) for t in tasks]
 
 
 def to_yaml(manifests: list[dict[str, Any]]) -> str:

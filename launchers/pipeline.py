@@ -45,6 +45,7 @@ class StepConfig:
     after: list[str] = field(default_factory=list)
     launcher: str | None = None  # torchrun | ray | python; None: the stage's own
     serve: ServeConfig | None = None
+    env: dict[str, str] = field(default_factory=dict)  # this step's variables, over the executor profile's
 
 
 @dataclass
@@ -124,6 +125,7 @@ def plan(cfg: PipelineConfig, profile: Profile, only: list[str] | None = None) -
             serve_cmd=_substitute(step.serve.command, dirs, step.name, run_dir, where) if step.serve else None,
             serve_port=step.serve.port if step.serve else 8000,
             serve_ready_path=step.serve.ready_path if step.serve else "/health",
+            env={k: str(v) for k, v in step.env.items()},
         )
         order.append(step.name)
     if only:

@@ -89,15 +89,21 @@ def test_profile_errors_name_the_key():
 def test_pipeline_wires_outputs_to_inputs():
     cfg = load_config(PipelineConfig, ROOT / "nemo_configs/pipeline/embedded.yaml", ["run_dir=/runs/x"])
     tasks = {t.name: t for t in plan(cfg, load_profile("local"))}
-    assert list(tasks) == ["curate", "base", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo", "export"]
-    assert tasks["curate"].requires == []
+    assert list(tasks) == ["curate", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo", "export"]
+    assert tasks["curate"].requires == [] and tasks["eval_base"].requires == []
     assert "output.dir=/runs/x/curate" in tasks["curate"].nrr_args
-    # one stage at a time on the local machine: `after` chains the steps that share no outputs
-    assert tasks["sft"].requires == ["/runs/x/eval_base", "/runs/x/curate"]
+    # the base evaluation shares the cores with curation: one thread, idle threads asleep
+    assert tasks["eval_base"].env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert tasks["sft"].requires == ["/runs/x/curate"] and tasks["sft"].env == {}
+    from launchers.executors import build_executor
+    local = load_profile("local")
+    assert build_executor(tasks["eval_base"], local).env_vars["OMP_NUM_THREADS"] == "1"
+    assert build_executor(tasks["sft"], local).env_vars["OMP_NUM_THREADS"] == "2"  # the profile's
     assert "data.train_path=/runs/x/curate/curated.jsonl" in tasks["sft"].nrr_args
+    # then one stage at a time: `after` chains the steps that share no outputs
     assert tasks["grpo"].requires == ["/runs/x/eval_sft", "/runs/x/sft"]
     assert "model.init_checkpoint=/runs/x/sft/checkpoints" in tasks["grpo"].nrr_args
-    assert tasks["eval_grpo"].requires == ["/runs/x/grpo"] and tasks["eval_base"].requires == ["/runs/x/base"]
+    assert tasks["eval_grpo"].requires == ["/runs/x/grpo"]
     # stages with subcommands take the subcommand first, then --config
     assert tasks["eval_sft"].nrr_args[:4] == ["eval", "run", "--config", f"{ROOT}/nemo_configs/eval/embedded.yaml"]
     assert tasks["export"].nrr_args[:2] == ["convert", "to-hf"] and "--config" not in tasks["export"].nrr_args

@@ -45,8 +45,10 @@ class GenerationConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    # an HF model folder, a Megatron checkpoint (exported to HF on the fly) or, for `openai`, the served name
+    # an HF model folder, a Megatron checkpoint (exported to HF on the fly), an HF config.json (that architecture
+    # with random weights: the untrained baseline) or, for `openai`, the served name
     model: str = required()
+    init_seed: int = 1234  # the random weights' seed when `model` is a config.json
     benchmarks: list[BenchmarkConfig] = dataclasses.field(default_factory=list)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     output_dir: str = "outputs/eval/run"

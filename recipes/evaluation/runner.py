@@ -25,19 +25,24 @@ from recipes.evaluation.metrics import reflection_count, summarize
 # ------------------------------------------------------------------------------ model and backend
 
 
-def resolve_model(model: str, output_dir: Path) -> str:
-    """An HF folder as is; a Megatron checkpoint is exported to `<output_dir>/hf_model` first."""
+def resolve_model(model: str, output_dir: Path, init_seed: int = 1234) -> str:
+    """An HF folder as is; a Megatron checkpoint is exported to `<output_dir>/hf_model` first; an HF config.json
+    becomes a randomly initialised Megatron checkpoint (`init_seed`, as `nrr convert init`), then exported."""
     path = Path(model)
     if (path / "config.json").exists():
         return str(path)
     if not path.exists():
-        raise FileNotFoundError(f"model not found: {model} (an HF folder with config.json or a Megatron checkpoint)")
+        raise FileNotFoundError(f"model not found: {model} (an HF folder with config.json, a Megatron checkpoint "
+                                "or an HF config.json)")
     out = output_dir / "hf_model"
     if not (out / "config.json").exists():
         try:
-            from recipes.convert import export_to_hf
+            from recipes.convert import export_to_hf, init_tiny_checkpoint
         except ImportError as err:
             raise RuntimeError(f"{model} is not an HF folder and the Megatron exporter is unavailable: {err}") from None
+        if path.is_file() and path.suffix == ".json":
+            init_tiny_checkpoint(str(path), str(output_dir / "random_init"), init_seed)
+            path = output_dir / "random_init"
         export_to_hf(str(path), str(out))
     return str(out)
 
@@ -160,7 +165,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}
             pending = [p for p in problems if any((p["id"], i) not in done for i in range(g.k))]
             if pending and backend is None:
-                model_dir = model_dir or (cfg.model if g.backend == "openai" else resolve_model(cfg.model, out))
+                model_dir = model_dir or (cfg.model if g.backend == "openai" else resolve_model(cfg.model, out, cfg.init_seed))
                 backend = make_backend(cfg, model_dir)
             with progress(disable=not cfg.progress) as bar, path.open("a", encoding="utf-8") as f:
                 task = bar.add_task(label, total=len(problems), completed=len(problems) - len(pending), info="")
