@@ -186,3 +186,21 @@ def test_vllm_backend_end_to_end(tiny_model, tmp_path):
     evaluate_model(tiny_model, out_dir=tmp_path / "vllm-small-batches", batch_size=7, **kw)
     again = {(r["id"], r["sample_idx"]): r["generation"] for r in _lines(tmp_path / "vllm-small-batches/embedded.jsonl")}
     assert again == {(r["id"], r["sample_idx"]): r["generation"] for r in rows}
+
+
+def test_config_json_model_is_the_seeded_random_init(tiny_model, tmp_path):
+    """`model=<config.json>` evaluates that architecture with random weights: the checkpoint `nrr convert init`
+    writes for the same seed (the demo's base row), another seed another model."""
+    config = ROOT / "recipes/assets/models/tiny-qwen2/config.json"
+    folders = {}
+    for seed in (0, 1):
+        code = ("import sys; from pathlib import Path; from recipes.evaluation.runner import resolve_model; "
+                f"print(resolve_model(sys.argv[1], Path(sys.argv[2]), init_seed={seed}))")
+        proc = subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / f"seed{seed}")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        folders[seed] = Path(proc.stdout.strip().splitlines()[-1])
+        assert (folders[seed] / "tokenizer.json").exists()
+    weights = {seed: (folder / "model.safetensors").read_bytes() for seed, folder in folders.items()}
+    assert weights[0] == (tiny_model / "model.safetensors").read_bytes()
+    assert weights[1] != weights[0]
