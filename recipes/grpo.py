@@ -504,6 +504,7 @@ def _out_of_time(t_start: float, minutes: float) -> bool:
 
 
 def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: list, sample_stats: dict) -> dict:
+    # clip fraction, KL and entropy are over the tokens that were trained (rows of all-equal groups are skipped)
     rewards = torch.tensor([r for gr in groups for r in gr.rewards])
     lengths = torch.tensor([float(len(r)) for gr in groups for r in gr.responses])
     truncated = torch.tensor([float(t) for gr in groups for t in gr.truncated])
