@@ -88,22 +88,39 @@ def test_bf16_model_trains_and_checkpoints_round_trip(tmp_path):
     assert "STEP 2 SAME True NEXT True" in out, out
 
 
-def test_grpo_length_sorted_micro_batches_match_one_padded_batch():
-    out = run_python("""
-        import torch
-        from recipes.grpo import Group, build_batch, full_logprobs, make_loss_fn, split_rows
-        from recipes.megatron import providers, runtime, train_step
-        from recipes.rl.losses import LossConfig
-        runtime.init_distributed(1, 1)
-        hf = providers.load_hf_config("recipes/assets/models/tiny-qwen2/config.json")
-        chunks = providers.build_model(hf, 1, 1, seed=5)
-        g = torch.Generator().manual_seed(0)
+# What both GRPO tests start from: a random tiny model, and groups of random responses (lengths, rewards) after one
+# 4-token prompt; `grad_after` runs one forward/backward and returns its report and the flattened gradient.
+GRPO_SETUP = textwrap.dedent("""
+    import torch
+    from recipes.grpo import Group, build_batch, full_logprobs, make_loss_fn, rows_to_train, split_rows
+    from recipes.megatron import providers, runtime, train_step
+    from recipes.rl.losses import LossConfig
+    runtime.init_distributed(1, 1)
+    hf = providers.load_hf_config("recipes/assets/models/tiny-qwen2/config.json")
+
+    def model_and_batch(model_seed, data_seed, spec):
+        chunks = providers.build_model(hf, 1, 1, seed=model_seed)
+        g = torch.Generator().manual_seed(data_seed)
         groups = []
-        for lengths in ([3, 30, 7, 12], [25, 2, 16, 9]):  # very different response lengths
+        for lengths, rewards in spec:
             responses = [torch.randint(0, 250, (n,), generator=g).tolist() + [259] for n in lengths]
             groups.append(Group(problem={}, prompt=[256, 5, 6, 7], responses=responses,
-                                truncated=[False] * 4, rewards=[1.0, 0.0, 0.0, 1.0], parts={}))
-        batch = build_batch(groups, std_normalize=True)
+                                truncated=[False] * 4, rewards=rewards, parts={}))
+        return chunks, build_batch(groups, std_normalize=True)
+
+    def grad_after(chunks, micro, loss_fn):
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        rep = train_step.forward_backward(chunks, micro, max(m["tokens"].shape[1] for m in micro), loss_fn=loss_fn)
+        return rep, torch.cat([p.main_grad.reshape(-1).clone() for p in chunks[0].parameters()])
+""")
+
+
+def test_grpo_length_sorted_micro_batches_match_one_padded_batch():
+    out = run_python(GRPO_SETUP + textwrap.dedent("""
+        # very different response lengths
+        chunks, batch = model_and_batch(5, 0, [([3, 30, 7, 12], [1.0, 0.0, 0.0, 1.0]),
+                                               ([25, 2, 16, 9], [1.0, 0.0, 0.0, 1.0])])
         one = full_logprobs(chunks, batch, mbs=8, one_length=True)
         sorted_lp = full_logprobs(chunks, batch, mbs=2)
         inside = batch["loss_mask"] > 0
@@ -113,16 +130,11 @@ def test_grpo_length_sorted_micro_batches_match_one_padded_batch():
         grads = {}
         for name, micro in (("padded", split_rows(batch, list(range(8)), 8, one_length=True)),
                             ("sorted", split_rows(batch, list(range(8)), 2))):
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            stats = []
             # the loss at temperature 0.7 against log-probs at 1.0: ratios away from 1, so the clip takes part
-            rep = train_step.forward_backward(chunks, micro, max(m["tokens"].shape[1] for m in micro),
-                                              loss_fn=make_loss_fn(cfg, stats, temperature=0.7))
-            grads[name] = torch.cat([p.main_grad.reshape(-1).clone() for p in chunks[0].parameters()])
+            rep, grads[name] = grad_after(chunks, micro, make_loss_fn(cfg, [], temperature=0.7))
             print(name.upper(), [m["tokens"].shape[1] for m in micro], rep["loss"])
         print("GRAD", float((grads["padded"] - grads["sorted"]).norm() / grads["padded"].norm()))
-        """)
+        """))
     vals = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
     diff, scale = map(float, vals["LOGP"])
     assert scale > 0.1 and diff < 1e-5, vals["LOGP"]
@@ -134,22 +146,11 @@ def test_grpo_length_sorted_micro_batches_match_one_padded_batch():
 
 
 def test_grpo_update_without_zero_advantage_rows_matches_the_full_update():
-    out = run_python("""
-        import torch
-        from recipes.grpo import Group, build_batch, full_logprobs, make_loss_fn, rows_to_train, split_rows
-        from recipes.megatron import providers, runtime, train_step
-        from recipes.rl.losses import LossConfig
-        runtime.init_distributed(1, 1)
-        hf = providers.load_hf_config("recipes/assets/models/tiny-qwen2/config.json")
-        chunks = providers.build_model(hf, 1, 1, seed=7)
-        g = torch.Generator().manual_seed(1)
-        groups = []
-        for lengths, rewards in (([3, 30, 7, 12], [1.0, 0.0, 0.0, 1.0]), ([25, 2, 16, 9], [0.0, 0.0, 0.0, 0.0]),
-                                 ([5, 11, 4, 20], [1.0, 1.0, 1.0, 1.0]), ([8, 6, 14, 3], [0.0, 1.0, 0.0, 0.0])):
-            responses = [torch.randint(0, 250, (n,), generator=g).tolist() + [259] for n in lengths]
-            groups.append(Group(problem={}, prompt=[256, 5, 6, 7], responses=responses,
-                                truncated=[False] * 4, rewards=rewards, parts={}))
-        batch = build_batch(groups, std_normalize=True)
+    out = run_python(GRPO_SETUP + textwrap.dedent("""
+        chunks, batch = model_and_batch(7, 1, [([3, 30, 7, 12], [1.0, 0.0, 0.0, 1.0]),
+                                               ([25, 2, 16, 9], [0.0, 0.0, 0.0, 0.0]),
+                                               ([5, 11, 4, 20], [1.0, 1.0, 1.0, 1.0]),
+                                               ([8, 6, 14, 3], [0.0, 1.0, 0.0, 0.0])])
         rows = list(range(16))
         batch["old_logp"] = full_logprobs(chunks, batch, mbs=4, temperature=0.7)
         for variant in ("grpo", "dapo", "dr_grpo"):
@@ -164,14 +165,10 @@ def test_grpo_update_without_zero_advantage_rows_matches_the_full_update():
                 m["on_policy"] = torch.tensor(True)
             grads = {}
             for name, micro in runs.items():
-                for chunk in chunks:
-                    chunk.zero_grad_buffer()
-                rep = train_step.forward_backward(chunks, micro, max(m["tokens"].shape[1] for m in micro),
-                                                  loss_fn=make_loss_fn(cfg, [], temperature=0.7))
-                grads[name] = torch.cat([p.main_grad.reshape(-1).clone() for p in chunks[0].parameters()])
+                rep, grads[name] = grad_after(chunks, micro, make_loss_fn(cfg, [], temperature=0.7))
                 print(variant, name, len(micro), rep["loss"], rep["num_tokens"])
             print(variant, "GRAD", float((grads["all"] - grads["kept"]).norm() / grads["all"].norm()), len(kept), idle)
-        """)
+        """))
     seen = set()
     for variant in ("grpo", "dapo", "dr_grpo"):
         rows = {line.split()[1]: line.split()[2:] for line in out.splitlines() if line.startswith(variant + " ")}
