@@ -430,10 +430,11 @@ def train(cfg: GRPOConfig) -> dict:
             per_update = n // g.minibatches
             orders = [torch.randperm(n, generator=torch.Generator().manual_seed(step * 1000 + epoch)).tolist()
                       for epoch in range(g.epochs)]
+            shares = [[order[k * per_update:(k + 1) * per_update][dp_rank::dp] for k in range(g.minibatches)]
+                      for order in orders]
             # which rows each update trains: with pipeline parallelism all of them (micro-batches keep one shape)
-            updates = [[rows_to_train(batch, order[k * per_update:(k + 1) * per_update][dp_rank::dp], cfg.loss)
-                        if not one_length else (order[k * per_update:(k + 1) * per_update][dp_rank::dp], 0.0)
-                        for k in range(g.minibatches)] for order in orders]
+            updates = [[(rows, 0.0) if one_length else rows_to_train(batch, rows, cfg.loss) for rows in per_epoch]
+                       for per_epoch in shares]
             # the first update scores its rows in its own forward pass (the weights have not moved yet); the
             # others need them from before the first update
             later = sorted({r for e, per_epoch in enumerate(updates) for k, (rows, _) in enumerate(per_epoch)
