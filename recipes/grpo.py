@@ -377,6 +377,7 @@ def train(cfg: GRPOConfig) -> dict:
     g = cfg.grpo
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
+    torch.set_float32_matmul_precision(cfg.training.matmul_precision)
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.training.seed)
     rank0 = runtime.rank() == 0
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"

@@ -89,7 +89,7 @@ def test_profile_errors_name_the_key():
 def test_pipeline_wires_outputs_to_inputs():
     cfg = load_config(PipelineConfig, ROOT / "nemo_configs/pipeline/embedded.yaml", ["run_dir=/runs/x"])
     tasks = {t.name: t for t in plan(cfg, load_profile("local"))}
-    assert list(tasks) == ["curate", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo", "export"]
+    assert list(tasks) == ["curate", "eval_base", "sft", "eval_sft", "grpo", "export", "eval_grpo"]
     assert tasks["curate"].requires == [] and tasks["eval_base"].requires == []
     assert "output.dir=/runs/x/curate" in tasks["curate"].nrr_args
     # the base evaluation shares the cores with curation: one thread, idle threads asleep
@@ -103,7 +103,10 @@ def test_pipeline_wires_outputs_to_inputs():
     # then one stage at a time: `after` chains the steps that share no outputs
     assert tasks["grpo"].requires == ["/runs/x/eval_sft", "/runs/x/sft"]
     assert "model.init_checkpoint=/runs/x/sft/checkpoints" in tasks["grpo"].nrr_args
-    assert tasks["eval_grpo"].requires == ["/runs/x/grpo"]
+    # the SFT step's own HF export is evaluated; the final evaluation reads the export step's HF model
+    assert "model=/runs/x/sft/hf" in tasks["eval_sft"].nrr_args
+    assert tasks["export"].requires == ["/runs/x/grpo"] and tasks["eval_grpo"].requires == ["/runs/x/export"]
+    assert "model=/runs/x/export/hf" in tasks["eval_grpo"].nrr_args
     # stages with subcommands take the subcommand first, then --config
     assert tasks["eval_sft"].nrr_args[:4] == ["eval", "run", "--config", f"{ROOT}/nemo_configs/eval/embedded.yaml"]
     assert tasks["export"].nrr_args[:2] == ["convert", "to-hf"] and "--config" not in tasks["export"].nrr_args

@@ -179,3 +179,42 @@ def test_grpo_update_without_zero_advantage_rows_matches_the_full_update():
         assert float(rows["GRAD"][0]) < 1e-5, rows
         seen.add(rows["all"][2])
     assert len(seen) == 2  # sequences (grpo, dr_grpo: 16) and tokens (dapo) are different denominators
+
+
+def test_attention_keeps_full_precision_when_matmuls_run_in_bf16():
+    """With `matmul_precision: medium` the linear layers' float32 matmuls may use bf16 products; the CPU attention
+    kernel must not: its output and gradients equal a run at "highest" bit for bit, while a plain matmul moves."""
+    import torch
+    import torch.nn.functional as F
+
+    from recipes.megatron.sdpa_attention import sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 48, 32, generator=gen) for _ in range(3))
+    mask = torch.ones(48, 48, dtype=torch.bool).tril().expand(2, 1, 48, 48).clone()
+    mask[1, :, :, :10] = False  # a packed second sequence in row 1
+    mask[1, :, :10, :10] = torch.ones(10, 10, dtype=torch.bool).tril()
+
+    def run(attn, **kw):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attn(*leaves, **kw)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    old = torch.get_float32_matmul_precision()
+    try:
+        for kw in ({"attn_mask": mask}, {"is_causal": True}):
+            torch.set_float32_matmul_precision("highest")
+            ref = run(F.scaled_dot_product_attention, **kw)
+            plain = q[0, 0] @ k[0, 0].T
+            torch.set_float32_matmul_precision("medium")
+            guarded = run(sdpa, **kw)
+            with torch.no_grad():
+                no_grad = sdpa(q, k, v, **kw)
+            assert all(torch.equal(a, b) for a, b in zip(guarded, ref)), kw
+            assert torch.equal(no_grad, ref[0]), kw
+            assert torch.get_float32_matmul_precision() == "medium"  # restored after forward and backward
+        if torch.backends.mkldnn.is_available() and torch.cpu._is_amx_tile_supported():
+            assert not torch.equal(q[0, 0] @ k[0, 0].T, plain)  # the setting is live: bf16 products differ
+    finally:
+        torch.set_float32_matmul_precision(old)

@@ -115,9 +115,6 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str, dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
                  enforce_eager: bool | None = None, gpu_memory_utilization: float = 0.85):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         on_cpu = _on_cpu()
         spec = {
             "model": str(model_dir),
@@ -139,9 +136,17 @@ class VLLMBackend:
             [sys.executable, "-m", "recipes.evaluation.vllm_worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
         )
-        reply = self._read()
-        if reply.get("status") != "ready":
-            raise RuntimeError(f"vLLM worker failed to start: {reply}")
+        try:  # the tokenizer loads while the worker imports vLLM (~20 s on 2 cores), not before it starts
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            reply = self._read()
+            if reply.get("status") != "ready":
+                raise RuntimeError(f"vLLM worker failed to start: {reply}")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()

@@ -5,14 +5,63 @@ their backward as separate passes over them; on CPU that was ~40% of a tiny mode
 the same softmax(QK^T * scale + mask) V with a fused kernel (flash attention on CPU). Configurations it does not
 cover (attention dropout while training, sliding windows, softmax offsets, query-key layer scaling, a query
 shorter than the keys) run megatron's own forward. With Transformer Engine (GPU) its attention is used instead.
+
+Float32 matmul precision: `torch.set_float32_matmul_precision("medium")` makes CPUs with AMX run float32 matmuls in
+bf16 with float32 accumulation (what TF32 is on a GPU): the linear layers get ~2x faster. The CPU flash-attention
+kernel under that setting runs its small block products through the same path and gets ~3x slower, so on CPU
+attention always runs (forward and backward) at full float32 precision.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+
+@contextlib.contextmanager
+def full_fp32_matmuls():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+class _FullPrecisionSDPA(torch.autograd.Function):
+    """SDPA whose forward and backward both run at "highest" float32 matmul precision: the backward runs when
+    autograd reaches it, outside any context the forward could set, so it differentiates its own inner graph."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, scale):
+        with full_fp32_matmuls(), torch.enable_grad():
+            inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(*inputs, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        ctx.inner = (inputs, out)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs, out = ctx.inner
+        del ctx.inner
+        wanted = [t for t in inputs if t.requires_grad]
+        with full_fp32_matmuls():
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None)
+
+
+def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """`F.scaled_dot_product_attention`, kept at full float32 precision on CPU when matmuls run below it."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _FullPrecisionSDPA.apply(q, k, v, attn_mask, is_causal, scale)
+    with full_fp32_matmuls():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 
 class SDPADotProductAttention(DotProductAttention):
@@ -35,9 +84,9 @@ class SDPADotProductAttention(DotProductAttention):
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if attention_mask is not None:  # megatron's mask is True where attention is NOT allowed; SDPA's the opposite
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
+            out = sdpa(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
         else:
             causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and sq > 1
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale)
+            out = sdpa(q, k, v, is_causal=causal, scale=self.softmax_scale)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
