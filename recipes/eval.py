@@ -69,10 +69,14 @@ def cli(args: argparse.Namespace) -> int:
 
         cfg = load_config(EvalConfig, args.config, args.overrides)
         summary = run_eval(cfg)
-        for name, m in summary["benchmarks"].items():
-            print(f"{name:>16}: pass@1 {100 * m.get('pass@1', 0):5.1f}% ± {100 * m.get('pass@1_se', 0):.1f} "
-                  f"over {m.get('problems', 0)} problems x {m.get('samples_per_problem', 0)} samples")
-        print(f"outputs: {cfg.output_dir}/summary.json" + (f", {cfg.output_dir}/report.html" if cfg.report else ""))
+        runs = summary["models"] if cfg.models else {None: summary}
+        for model, run in runs.items():
+            for name, m in run["benchmarks"].items():
+                name = f"{model}/{name}" if model else name
+                print(f"{name:>16}: pass@1 {100 * m.get('pass@1', 0):5.1f}% ± {100 * m.get('pass@1_se', 0):.1f} "
+                      f"over {m.get('problems', 0)} problems x {m.get('samples_per_problem', 0)} samples")
+        summaries = [f"{cfg.output_dir}/{m}/summary.json" for m in cfg.models] or [f"{cfg.output_dir}/summary.json"]
+        print("outputs: " + ", ".join(summaries) + (f", {cfg.output_dir}/report.html" if cfg.report else ""))
         return 0
     if args.command == "grade":
         try:

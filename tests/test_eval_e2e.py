@@ -204,3 +204,34 @@ def test_config_json_model_is_the_seeded_random_init(tiny_model, tmp_path):
     weights = {seed: (folder / "model.safetensors").read_bytes() for seed, folder in folders.items()}
     assert weights[0] == (tiny_model / "model.safetensors").read_bytes()
     assert weights[1] != weights[0]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_models_share_one_vllm_engine_and_match_separate_runs(tiny_model, tmp_path, monkeypatch):
+    """`models: {A, B}` starts one engine and swaps B's weights in place: B's answers equal a run of B alone
+    (no stale weights, no prefix-cache blocks computed by A), and differ from A's."""
+    from recipes.evaluation import runner
+
+    other = Path(runner.resolve_model(str(ROOT / "recipes/assets/models/tiny-qwen2/config.json"), tmp_path / "b",
+                                      init_seed=1))
+    # seeded sampling: random models answer greedily with the same blank line; their samples differ
+    gen = GenerationConfig(backend="vllm", k=2, temperature=0.8, max_tokens=MAX_TOKENS, batch_size=16)
+    bench = [BenchmarkConfig(name="embedded", levels=[1, 2], n_per_level=8)]
+    starts = []
+    make_backend = runner.make_backend
+    monkeypatch.setattr(runner, "make_backend", lambda cfg, d: starts.append(d) or make_backend(cfg, d))
+    pair = run_eval(EvalConfig(models={"A": str(tiny_model), "B": str(other)}, benchmarks=bench, generation=gen,
+                               output_dir=str(tmp_path / "pair"), progress=False, report=False))
+    assert len(starts) == 1 and set(pair["models"]) == {"A", "B"}
+    alone = run_eval(EvalConfig(model=str(other), benchmarks=bench, generation=gen, output_dir=str(tmp_path / "alone"),
+                                progress=False, report=False))
+
+    def answers(folder):
+        return {(r["id"], r["sample_idx"]): r["generation"] for r in _lines(folder / "embedded.jsonl")}
+
+    assert answers(tmp_path / "pair" / "B") == answers(tmp_path / "alone")
+    assert answers(tmp_path / "pair" / "A") != answers(tmp_path / "alone")
+    assert pair["models"]["B"]["benchmarks"] == alone["benchmarks"]
+    with pytest.raises(ValueError, match="not both"):
+        run_eval(EvalConfig(model=str(other), models={"A": str(tiny_model)}, benchmarks=bench, generation=gen))

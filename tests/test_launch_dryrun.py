@@ -89,7 +89,7 @@ def test_profile_errors_name_the_key():
 def test_pipeline_wires_outputs_to_inputs():
     cfg = load_config(PipelineConfig, ROOT / "nemo_configs/pipeline/embedded.yaml", ["run_dir=/runs/x"])
     tasks = {t.name: t for t in plan(cfg, load_profile("local"))}
-    assert list(tasks) == ["curate", "eval_base", "sft", "eval_sft", "grpo", "export", "eval_grpo"]
+    assert list(tasks) == ["curate", "eval_base", "sft", "grpo", "export", "eval"]
     assert tasks["curate"].requires == [] and tasks["eval_base"].requires == []
     assert "output.dir=/runs/x/curate" in tasks["curate"].nrr_args
     # the base evaluation shares the cores with curation: one thread, idle threads asleep
@@ -100,15 +100,15 @@ def test_pipeline_wires_outputs_to_inputs():
     assert build_executor(tasks["eval_base"], local).env_vars["OMP_NUM_THREADS"] == "1"
     assert build_executor(tasks["sft"], local).env_vars["OMP_NUM_THREADS"] == "2"  # the profile's
     assert "data.train_path=/runs/x/curate/curated.jsonl" in tasks["sft"].nrr_args
-    # then one stage at a time: `after` chains the steps that share no outputs
-    assert tasks["grpo"].requires == ["/runs/x/eval_sft", "/runs/x/sft"]
+    # then one stage at a time, each reading the one before
+    assert tasks["grpo"].requires == ["/runs/x/sft"]
     assert "model.init_checkpoint=/runs/x/sft/checkpoints" in tasks["grpo"].nrr_args
-    # the SFT step's own HF export is evaluated; the final evaluation reads the export step's HF model
-    assert "model=/runs/x/sft/hf" in tasks["eval_sft"].nrr_args
-    assert tasks["export"].requires == ["/runs/x/grpo"] and tasks["eval_grpo"].requires == ["/runs/x/export"]
-    assert "model=/runs/x/export/hf" in tasks["eval_grpo"].nrr_args
+    assert tasks["export"].requires == ["/runs/x/grpo"]
+    # one evaluation of the SFT step's own HF export and of the export step's HF model
+    assert tasks["eval"].requires == ["/runs/x/export", "/runs/x/sft"]
+    assert "models={SFT: /runs/x/sft/hf, GRPO: /runs/x/export/hf}" in tasks["eval"].nrr_args
     # stages with subcommands take the subcommand first, then --config
-    assert tasks["eval_sft"].nrr_args[:4] == ["eval", "run", "--config", f"{ROOT}/nemo_configs/eval/embedded.yaml"]
+    assert tasks["eval"].nrr_args[:4] == ["eval", "run", "--config", f"{ROOT}/nemo_configs/eval/embedded.yaml"]
     assert tasks["export"].nrr_args[:2] == ["convert", "to-hf"] and "--config" not in tasks["export"].nrr_args
     assert {t.spec.launcher for t in tasks.values()} == {"ray", "torchrun", "python"}
 

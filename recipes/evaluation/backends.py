@@ -38,6 +38,10 @@ class Completion:
     finish_reason: str  # "stop" (end of turn) or "length" (hit max_tokens)
 
 
+def _read_bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
+
+
 def _on_cpu() -> bool:
     try:
         import torch
@@ -147,6 +151,25 @@ class VLLMBackend:
             self.proc.kill()
             self.proc.wait()
             raise
+
+    def swaps_weights(self, model_dir: str, new_dir: str) -> bool:
+        """Whether `load_weights(new_dir)` can replace `model_dir` in the running engine: the engine runs in the
+        worker process itself (CPU), and both folders hold the same architecture and tokenizer."""
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if _on_cpu() else "1") != "0":
+            return False
+        files = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+        try:
+            return all(_read_bytes(Path(model_dir, f)) == _read_bytes(Path(new_dir, f)) for f in files)
+        except OSError:
+            return False
+
+    def load_weights(self, model_dir: str) -> None:
+        """Replace the engine's weights with `model_dir`'s safetensors (prefix cache dropped)."""
+        self.proc.stdin.write(json.dumps({"load": str(model_dir)}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if reply.get("status") != "loaded":
+            raise RuntimeError(f"vLLM worker could not load {model_dir}: {reply.get('error', reply)}")
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()

@@ -47,7 +47,10 @@ class GenerationConfig:
 class EvalConfig:
     # an HF model folder, a Megatron checkpoint (exported to HF on the fly), an HF config.json (that architecture
     # with random weights: the untrained baseline) or, for `openai`, the served name
-    model: str = required()
+    model: str | None = None  # an HF folder, a Megatron checkpoint, or an HF config.json (random weights)
+    # several models through one engine instead: {label: model}, each written to <output_dir>/<label>/; models of
+    # one architecture and tokenizer swap weights in place (one engine start, ~25 s on 2 cores, for all of them)
+    models: dict[str, str] = dataclasses.field(default_factory=dict)
     init_seed: int = 1234  # the random weights' seed when `model` is a config.json
     benchmarks: list[BenchmarkConfig] = dataclasses.field(default_factory=list)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)

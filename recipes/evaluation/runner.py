@@ -137,8 +137,54 @@ def _label(bench: BenchmarkConfig) -> str:
     return Path(bench.path).stem if bench.name == "jsonl" and bench.path else bench.name
 
 
+class BackendPool:
+    """The backend a run's models share: a vLLM engine swaps weights in place between models of one architecture
+    and tokenizer; any other change of model starts a new backend."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg, self.backend, self.model_dir = cfg, None, None
+
+    def get(self, model_dir: str):
+        if self.backend is not None and model_dir != self.model_dir:
+            if isinstance(self.backend, B.VLLMBackend) and self.backend.swaps_weights(self.model_dir, model_dir):
+                self.backend.load_weights(model_dir)
+            else:
+                self.close()
+        if self.backend is None:
+            self.backend = make_backend(self.cfg, model_dir)
+        self.model_dir = model_dir
+        return self.backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend, self.model_dir = None, None
+
+
 def run_eval(cfg: EvalConfig) -> dict:
-    """Evaluate cfg.model on every benchmark; write samples, summary.json and report.html."""
+    """Evaluate cfg.model (or each of cfg.models, into <output_dir>/<label>/) on every benchmark; write samples,
+    summary.json and report.html. Returns the summary ({"models": {label: summary}} for several models)."""
+    if bool(cfg.model) == bool(cfg.models):
+        raise ValueError("set either `model` (one model) or `models` ({label: model}), not both"
+                         if cfg.model else "`model` is required (or `models`: {label: model})")
+    pool = BackendPool(cfg)
+    try:
+        if cfg.model:
+            return _evaluate(cfg, pool)
+        out = Path(cfg.output_dir)
+        summaries = {label: _evaluate(dataclasses.replace(cfg, model=model, models={}, run_name=label,
+                                                          output_dir=str(out / label)), pool)
+                     for label, model in cfg.models.items()}
+    finally:
+        pool.close()
+    if cfg.report:
+        from recipes.evaluation.report import write_report
+
+        write_report([out / label for label in cfg.models], out / "report.html")
+    return {"models": summaries}
+
+
+def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
     from recipes.metrics import progress
 
     out = Path(cfg.output_dir)
@@ -157,35 +203,31 @@ def run_eval(cfg: EvalConfig) -> dict:
     summary: dict = {"run": cfg.run_name or out.name, "model": cfg.model, "backend": g.backend, "k": g.k,
                      "temperature": g.temperature, "thinking": g.thinking, "benchmarks": {}}
     started = time.monotonic()
-    try:
-        for bench, label in zip(cfg.benchmarks, labels):
-            problems = load_benchmark(dataclasses.replace(bench, label=label))
-            path = out / f"{label}.jsonl"
-            drop_torn_tail(path)
-            done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}
-            pending = [p for p in problems if any((p["id"], i) not in done for i in range(g.k))]
-            if pending and backend is None:
-                model_dir = model_dir or (cfg.model if g.backend == "openai" else resolve_model(cfg.model, out, cfg.init_seed))
-                backend = make_backend(cfg, model_dir)
-            with progress(disable=not cfg.progress) as bar, path.open("a", encoding="utf-8") as f:
-                task = bar.add_task(label, total=len(problems), completed=len(problems) - len(pending), info="")
-                for start in range(0, len(pending), g.batch_size):
-                    chunk = pending[start : start + g.batch_size]
-                    outputs = backend.generate([_prompt(p, bench, g) for p in chunk], params)
-                    for problem, comps in zip(chunk, outputs):
-                        for i, comp in enumerate(comps):
-                            if (problem["id"], i) in done:
-                                continue
-                            rec = build_record(problem, i, comp, g, backend.count_tokens, cfg.grade_timeout)
-                            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    f.flush()
-                    bar.update(task, advance=len(chunk))
-            ids = {p["id"] for p in problems}
-            records = [r for r in read_records(path) if str(r["id"]) in ids and r["sample_idx"] < g.k]
-            summary["benchmarks"][label] = summarize(records)
-    finally:
-        if backend is not None:
-            backend.close()
+    for bench, label in zip(cfg.benchmarks, labels):
+        problems = load_benchmark(dataclasses.replace(bench, label=label))
+        path = out / f"{label}.jsonl"
+        drop_torn_tail(path)
+        done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}
+        pending = [p for p in problems if any((p["id"], i) not in done for i in range(g.k))]
+        if pending and backend is None:
+            model_dir = model_dir or (cfg.model if g.backend == "openai" else resolve_model(cfg.model, out, cfg.init_seed))
+            backend = pool.get(model_dir)
+        with progress(disable=not cfg.progress) as bar, path.open("a", encoding="utf-8") as f:
+            task = bar.add_task(label, total=len(problems), completed=len(problems) - len(pending), info="")
+            for start in range(0, len(pending), g.batch_size):
+                chunk = pending[start : start + g.batch_size]
+                outputs = backend.generate([_prompt(p, bench, g) for p in chunk], params)
+                for problem, comps in zip(chunk, outputs):
+                    for i, comp in enumerate(comps):
+                        if (problem["id"], i) in done:
+                            continue
+                        rec = build_record(problem, i, comp, g, backend.count_tokens, cfg.grade_timeout)
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update(task, advance=len(chunk))
+        ids = {p["id"] for p in problems}
+        records = [r for r in read_records(path) if str(r["id"]) in ids and r["sample_idx"] < g.k]
+        summary["benchmarks"][label] = summarize(records)
     summary["seconds"] = round(time.monotonic() - started, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if cfg.report:

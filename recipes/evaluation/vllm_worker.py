@@ -2,7 +2,8 @@
 
 vLLM starts engine processes of its own, so it lives in this process (behind the `__main__` guard),
 not in the caller. Protocol: one JSON line per request on stdin ({"prompts", "params"}), one JSON
-line per reply on stdout; every log line (ours, vLLM's, its children's) goes to stderr.
+line per reply on stdout; every log line (ours, vLLM's, its children's) goes to stderr. A request
+{"load": <HF folder>} replaces the weights in place (same architecture; the engine runs in this process).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def main(spec: dict) -> None:
     for line in sys.stdin:
         try:
             req = json.loads(line)
+            if "load" in req:
+                load_weights(llm, req["load"])
+                reply({"status": "loaded"})
+                continue
             p = req["params"]
             # a prompt that fills the context cannot be answered: an empty, truncated sample (vLLM
             # would reject the whole batch)
@@ -65,6 +70,22 @@ def main(spec: dict) -> None:
             reply({"outputs": outputs})
         except Exception as err:  # noqa: BLE001
             reply({"error": f"{type(err).__name__}: {err}"})
+
+
+def load_weights(llm, model_dir: str) -> None:
+    """The in-place reload GRPO's refit uses (tied embeddings re-tied), then no stale prefix-cache blocks."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from recipes.rl.rollout import _reload_in_worker
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors")
+    weights = [item for f in files for item in load_file(str(f)).items()]
+    llm.collective_rpc(_reload_in_worker, args=(weights,))
+    llm.reset_prefix_cache()
 
 
 if __name__ == "__main__":
