@@ -39,6 +39,8 @@ def test_vllm_matches_megatron_after_refit_tp1(tmp_path):
     # a trained (peaked) policy: random weights would give ~ -log(384) = -5.95 per token
     assert r["mean_logprob"] > -5.0, r
     assert r["max_abs_diff"] < TOL, r
+    # rollout.cpu_threads holds although vLLM's CPU worker turns torch.set_num_threads into a no-op
+    assert (r["decode_threads"], r["threads_after"]) == (1, 2), r
 
 
 @pytest.mark.slow

@@ -30,9 +30,9 @@ class RolloutConfig:
     max_tokens: int = 128  # response budget (the overlong penalty and Dr.GRPO use the same number)
     kv_cache_mb: int = 256  # vLLM on CPU reserves this much for the KV cache
     enforce_eager: bool = True  # skip torch.compile: a minutes-long run does not earn back the compile time
-    # torch threads while the in-process engine decodes on CPU (training keeps its own): a small model's decode
-    # steps are many tiny ops, and two threads synchronising on each are slower than one. 0 keeps the trainer's.
-    cpu_threads: int = 1
+    # torch threads while the in-process engine decodes on CPU (training keeps its own); 0 keeps the trainer's.
+    # The tiny demo policy decoded 16 x 8 rollouts in 1.98 s a step on one thread and 1.92 s on two.
+    cpu_threads: int = 0
 
 
 @dataclasses.dataclass
@@ -171,14 +171,17 @@ class VLLMGenerator:
 
         trainer = torch.get_num_threads()
         switch = self.in_process and self.cfg.cpu_threads > 0 and not torch.cuda.is_available()
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op once it has bound its threads; the
+        # C function underneath still sets this process's thread count
+        set_threads = torch._C.set_num_threads
         if switch:
-            torch.set_num_threads(self.cfg.cpu_threads)
+            set_threads(self.cfg.cpu_threads)
         try:
             with cpu_layer_suspended():
                 yield
         finally:
             if switch:
-                torch.set_num_threads(trainer)
+                set_threads(trainer)
 
     def prompt_logprobs(self, sequences):
         from vllm import SamplingParams

@@ -56,7 +56,7 @@ def main() -> None:
     out_dir = Path(args.out).parent
     backend = None
     if rank0:
-        cfg = RolloutConfig(backend=args.backend, kv_cache_mb=64)
+        cfg = RolloutConfig(backend=args.backend, kv_cache_mb=64, cpu_threads=1)
         backend = make_backend(cfg, write_engine_dir(hf, out_dir / "engine"), in_process=runtime.world_size() == 1)
     seconds = refit(backend, chunks, hf)
     megatron_lp = train_step.logprobs_of(chunks, tokens)  # collective: every rank
@@ -66,6 +66,10 @@ def main() -> None:
         diff = (engine_lp - megatron_lp[0, :n - 1]).abs()
         result = {"tp": args.tp, "backend": args.backend, "tokens": n - 1, "max_abs_diff": float(diff.max()),
                   "mean_logprob": float(engine_lp.mean()), "refit_seconds": seconds}
+        if hasattr(backend, "_decode_threads"):  # vLLM: its decode thread count, then the trainer's again
+            with backend._decode_threads():
+                result["decode_threads"] = torch.get_num_threads()
+            result["threads_after"] = torch.get_num_threads()
         Path(args.out).write_text(json.dumps(result))
         print(json.dumps(result))
         backend.close()
