@@ -213,8 +213,13 @@ def test_models_share_one_vllm_engine_and_match_separate_runs(tiny_model, tmp_pa
     (no stale weights, no prefix-cache blocks computed by A), and differ from A's."""
     from recipes.evaluation import runner
 
-    other = Path(runner.resolve_model(str(ROOT / "recipes/assets/models/tiny-qwen2/config.json"), tmp_path / "b",
-                                      init_seed=1))
+    # another seed's weights, written by the CLI in its own process (a process group must not start in pytest's)
+    nrr = [sys.executable, "-m", "recipes.cli", "convert"]
+    subprocess.run([*nrr, "init", "--config", str(ROOT / "recipes/assets/models/tiny-qwen2/config.json"),
+                    "--out", str(tmp_path / "ckpt"), "--seed", "1"], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([*nrr, "to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "b")], check=True,
+                   cwd=ROOT, capture_output=True)
+    other = tmp_path / "b"
     # seeded sampling: random models answer greedily with the same blank line; their samples differ
     gen = GenerationConfig(backend="vllm", k=2, temperature=0.8, max_tokens=MAX_TOKENS, batch_size=16)
     bench = [BenchmarkConfig(name="embedded", levels=[1, 2], n_per_level=8)]
