@@ -136,6 +136,7 @@ class VLLMBackend:
             # the engine core in the worker process itself: two fewer process start-ups (each imports vLLM, ~20 s
             # on 2 cores), and generation on every core instead of one core bound to a spawned worker
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.in_process = env.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"  # vLLM's default: its own process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "recipes.evaluation.vllm_worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
@@ -155,7 +156,7 @@ class VLLMBackend:
     def swaps_weights(self, model_dir: str, new_dir: str) -> bool:
         """Whether `load_weights(new_dir)` can replace `model_dir` in the running engine: the engine runs in the
         worker process itself (CPU), and both folders hold the same architecture and tokenizer."""
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if _on_cpu() else "1") != "0":
+        if not self.in_process:
             return False
         files = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
         try:

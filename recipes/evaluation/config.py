@@ -47,7 +47,7 @@ class GenerationConfig:
 class EvalConfig:
     # an HF model folder, a Megatron checkpoint (exported to HF on the fly), an HF config.json (that architecture
     # with random weights: the untrained baseline) or, for `openai`, the served name
-    model: str | None = None  # an HF folder, a Megatron checkpoint, or an HF config.json (random weights)
+    model: str | None = None
     # several models through one engine instead: {label: model}, each written to <output_dir>/<label>/; models of
     # one architecture and tokenizer swap weights in place (one engine start, ~25 s on 2 cores, for all of them)
     models: dict[str, str] = dataclasses.field(default_factory=dict)
