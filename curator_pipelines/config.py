@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from recipes.config import required
+from recipes.data.catalog import BENCHMARKS
 
 
 @dataclasses.dataclass
 class InputConfig:
     """Where the problems come from and which fields hold what."""
 
-    path: str = required()  # a .jsonl / .parquet file, or a folder saved by `datasets`
+    path: str | None = None  # a .jsonl / .parquet file, or a folder saved by `datasets`
+    dataset: str | None = None  # or a dataset of the data root by name (`nrr data list`), e.g. gsm8k_train
     format: Literal["auto", "jsonl", "parquet", "datasets"] = "auto"
     id_field: str | None = "id"  # None: ids are `<file stem>-<line>`
     problem_field: str = "problem"
@@ -97,8 +98,8 @@ class DedupConfig:
 @dataclasses.dataclass
 class DecontamConfig:
     enabled: bool = True
-    benchmarks_dir: str | None = "../shared/data/benchmarks"
-    benchmark_files: list[str] = dataclasses.field(default_factory=list)  # empty: every *.jsonl
+    benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(BENCHMARKS))  # datasets of the data root
+    benchmark_paths: list[str] = dataclasses.field(default_factory=list)  # other JSONL files of problems
     ngram: int = 13  # word n-grams; shorter problems must match a benchmark problem whole
     embedded_heldout: bool = True  # recipes.task.heldout_problems
     heldout_levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
@@ -133,6 +134,7 @@ class ExecutorConfig:
 @dataclasses.dataclass
 class CurateConfig:
     name: str = "curate"
+    data_root: str | None = None  # where named datasets are read (None: $NRR_DATA_ROOT, else the repository's)
     input: InputConfig = dataclasses.field(default_factory=InputConfig)
     embedded_problems: EmbeddedProblemsConfig = dataclasses.field(default_factory=EmbeddedProblemsConfig)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)

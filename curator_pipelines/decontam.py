@@ -1,6 +1,6 @@
 """Stage 6: decontaminate against evaluation sets (n-gram overlap on problems), reporting each match.
 
-Sources: every benchmark JSONL under `benchmarks_dir` (word n-grams; a problem shorter than n words
+Sources: the named benchmarks of the data root and any other JSONL in `benchmark_paths` (word n-grams; a problem shorter than n words
 must equal a benchmark problem after normalisation) and the embedded task's held-out split
 (`recipes.task.heldout_problems`, exact match of the expression).
 """
@@ -18,6 +18,7 @@ from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.config import DecontamConfig
 from curator_pipelines.records import apply_verdicts
+from recipes.data import catalog
 
 MATCHES = "nrr_decontam_matches"
 _WORD = re.compile(r"\w+")
@@ -88,15 +89,14 @@ class ContaminationIndex:
         return None
 
 
-def build_index(cfg: DecontamConfig) -> ContaminationIndex:
+def build_index(cfg: DecontamConfig, data_root: str | None = None) -> ContaminationIndex:
     index = ContaminationIndex(cfg.ngram)
-    if cfg.benchmarks_dir:
-        root = Path(cfg.benchmarks_dir)
-        if not root.is_dir():
-            raise FileNotFoundError(f"decontam.benchmarks_dir: {root} is not a folder")
-        files = [root / f for f in cfg.benchmark_files] if cfg.benchmark_files else sorted(root.glob("*.jsonl"))
-        for path in files:
-            index.add_benchmark_file(path)
+    for name in cfg.benchmarks:
+        index.add_benchmark_file(catalog.path_of(name, data_root))
+    for path in cfg.benchmark_paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"decontam.benchmark_paths: {path} is not a file")
+        index.add_benchmark_file(Path(path))
     if cfg.embedded_heldout:
         index.add_embedded_heldout(cfg.heldout_levels, cfg.heldout_per_level)
     return index
@@ -106,13 +106,14 @@ class DecontamStage(ProcessingStage[DocumentBatch, DocumentBatch]):
     name = "decontam"
     resources = Resources(cpus=1.0)
 
-    def __init__(self, cfg: DecontamConfig):
+    def __init__(self, cfg: DecontamConfig, data_root: str | None = None):
         self.cfg = cfg
+        self.data_root = data_root
 
     def process(self, task: DocumentBatch) -> DocumentBatch:
         started = time.perf_counter()
         df = task.to_pandas()
-        index = build_index(self.cfg)
+        index = build_index(self.cfg, self.data_root)
         cache: dict[str, tuple[str, str] | None] = {}
         verdicts = {}
         matches = []

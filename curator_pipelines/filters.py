@@ -27,7 +27,7 @@ Verdict = tuple[bool, float | None, str]  # (pass, score, reason: "" when it pas
 
 def parse_response(response: str | None) -> dict:
     """The think block and the final answer of one response."""
-    from recipes.grader import extract_answer
+    from recipes.grader import final_answer
 
     text = response or ""
     thinking, answer_part, closed = split_response(text)
@@ -37,7 +37,7 @@ def parse_response(response: str | None) -> dict:
         "think_closed": closed,
         "n_think_open": text.count(THINK_OPEN),
         "n_think_close": text.count(THINK_CLOSE),
-        "predicted": extract_answer(answer_part) if answer_part else None,
+        "predicted": final_answer(text),
     }
 
 

@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 
 from curator_pipelines.config import CurateConfig
+from recipes.config import ConfigError
+from recipes.data import catalog
 
 RUN_MARKER = "NRR_CURATE_RUN"
 DRIVER_MARKER = "NRR_CURATE_DRIVER"  # the pid of the run's driver: its processes are orphans once it is gone
@@ -42,10 +44,20 @@ def resolve_paths(cfg: CurateConfig, root: Path | None = None) -> CurateConfig:
     def absolute(p: str | None) -> str | None:
         return None if p is None else str((root / p).resolve())
 
-    cfg = dataclasses.replace(cfg)
-    cfg.input = dataclasses.replace(cfg.input, path=absolute(cfg.input.path))
+    cfg = dataclasses.replace(cfg, data_root=absolute(cfg.data_root))
+    path = absolute(cfg.input.path)
+    if cfg.input.dataset:
+        named = str(catalog.path_of(cfg.input.dataset, cfg.data_root).resolve())
+        if path not in (None, named):  # a resolved config (its saved copy) holds both, naming one file
+            raise ConfigError(f"input: set one of `path` and `dataset`, not both (path={cfg.input.path!r}, "
+                              f"dataset={cfg.input.dataset!r}); to read a file instead, add input.dataset=null")
+        path = named
+    elif path is None:
+        raise ConfigError("input: set `path` (a .jsonl / .parquet file or a datasets folder) or `dataset` "
+                          "(a name from `nrr data list`)")
+    cfg.input = dataclasses.replace(cfg.input, path=path)
     cfg.output = dataclasses.replace(cfg.output, dir=absolute(cfg.output.dir))
-    cfg.decontam = dataclasses.replace(cfg.decontam, benchmarks_dir=absolute(cfg.decontam.benchmarks_dir))
+    cfg.decontam = dataclasses.replace(cfg.decontam, benchmark_paths=[absolute(p) for p in cfg.decontam.benchmark_paths])
     cfg.generation = dataclasses.replace(cfg.generation, teacher_config=absolute(cfg.generation.teacher_config))
     return cfg
 
@@ -217,7 +229,7 @@ def build_pipeline(cfg: CurateConfig, show_progress: bool = True):
         ParseStage(),
         *filter_stages(cfg.filters),
         *dedup_stages(cfg.dedup),
-        *([DecontamStage(cfg.decontam)] if cfg.decontam.enabled else []),
+        *([DecontamStage(cfg.decontam, cfg.data_root)] if cfg.decontam.enabled else []),
         SelectStage(cfg.select),
         WriteStage(str(out), cfg.output.jsonl, cfg.output.parquet),
         ReportStage(str(out), cfg.name, cfg.output.histograms),

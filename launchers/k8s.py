@@ -32,7 +32,8 @@ _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def crd_dir() -> Path:
-    return Path(os.environ.get(CRD_DIR_ENV) or REPO_ROOT.parent / "shared" / "k8s-crds")
+    """The CRD schemas shipped in `launchers/k8s_crds/` (provenance and checksums there), or $NRR_K8S_CRDS."""
+    return Path(os.environ.get(CRD_DIR_ENV) or REPO_ROOT / "launchers" / "k8s_crds")
 
 
 # --------------------------------------------------------------------------------------------

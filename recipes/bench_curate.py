@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from recipes.data import catalog
 
 
 def _traces(n_problems: int, n_samples: int) -> list[dict]:
@@ -61,14 +61,14 @@ def bench_filters(n_problems: int = 600, n_samples: int = 2) -> dict:
     docs = [(i, r["problem"], r["response"]) for i, r in enumerate(records)]
     timed("dedup_exact", lambda: exact_duplicates(docs))
     timed("dedup_fuzzy", lambda: fuzzy_duplicates(docs, DedupConfig()))
-    index = build_index(DecontamConfig(benchmarks_dir=str(SHARED_DATA / "benchmarks")))
+    index = build_index(DecontamConfig())
     timed("decontam_match", lambda: [index.match(r["problem"]) for r in records])
     return out
 
 
 def _benchmark_answers(limit_per_file: int) -> list[str]:
     answers = []
-    for path in sorted((SHARED_DATA / "benchmarks").glob("*.jsonl")):
+    for path in (catalog.path_of(name) for name in catalog.BENCHMARKS):
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         for row in rows[:limit_per_file]:
             if "final_answer" in row:

@@ -73,12 +73,15 @@ _THINK_RE = re.compile(re.escape(THINK_OPEN) + r"(.*?)" + re.escape(THINK_CLOSE)
 
 
 def split_response(text: str) -> tuple[str | None, str, bool]:
-    """(thinking, answer part, think block closed). A response without a think block has thinking None.
+    """(thinking, answer part, think block closed): the one place a response is cut at its think block.
 
-    Handles responses that start inside the think block (the opening tag was in the prompt).
+    The answer part is the text after the last `</think>` (the thinking is everything before it, after
+    the first `<think>`); an unclosed think block has no answer part yet; a response without a think
+    block has thinking None and is all answer. Handles responses that start inside the think block
+    (the opening tag was in the prompt).
     """
     if THINK_CLOSE in text:
-        head, _, tail = text.partition(THINK_CLOSE)
+        head, _, tail = text.rpartition(THINK_CLOSE)
         thinking = head.split(THINK_OPEN, 1)[-1]
         return thinking.strip("\n"), tail.strip(), True
     if THINK_OPEN in text:

@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("recipes.sft", "Supervised fine-tuning (reasoning-trace distillation) with megatron-core."),
     "kd": ("recipes.kd", "Logit knowledge distillation from a teacher checkpoint (forward/reverse KL, top-k)."),
     "curate": ("recipes.curate", "Curate a long chain-of-thought corpus with NeMo Curator (teacher, filters, dedup, decontam)."),
+    "data": ("recipes.data_cli", "List the shipped datasets (benchmarks, GSM8K train) or prepare them from a local copy or the hub."),
     "teacher": ("recipes.teacher.cli", "Serve the embedded OpenAI-compatible teacher (R1-style traces, labelled defects)."),
     "grpo": ("recipes.grpo", "GRPO / Dr.GRPO / DAPO with vLLM rollouts on the Megatron policy; rejection sampling."),
     "convert": ("recipes.convert", "Convert checkpoints: HF -> Megatron, Megatron -> HF, random-init base."),

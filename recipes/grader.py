@@ -1,6 +1,7 @@
 """The answer grader shared by curation, rewards and evaluation.
 
-    extract_answer(text) -> str | None        the final answer a response commits to
+    final_answer(response) -> str | None      the final answer a raw response commits to (after its think block)
+    extract_answer(text) -> str | None        the same, in a response's answer part
     grade(predicted, reference) -> bool       is it the reference answer?
     grade_response(response, reference)       both, with the path that decided (GradeResult)
 
@@ -31,6 +32,8 @@ import threading
 import time
 from fractions import Fraction
 from pathlib import Path
+
+from recipes.chat_template import split_response
 
 # Longest answer the grader compares; longer text is no answer a benchmark has.
 MAX_ANSWER_CHARS = 2_000
@@ -156,17 +159,12 @@ def _clean_convention(ans: str) -> str | None:
 
 
 def extract_answer(text: str | None, last_number: bool = False) -> str | None:
-    """The final answer in a response, or None.
+    """The final answer in the answer part of a response (what follows the think block), or None.
 
-    Looks at the text after `</think>` when the response has a think block (an unclosed think block
-    has no answer yet); then the last `\\boxed{}`/`\\fbox{}`; then "#### X", "the answer is X",
-    "Answer: X"; then, only with `last_number=True`, the last number in the text.
+    The last `\\boxed{}`/`\\fbox{}`; then "#### X", "the answer is X", "Answer: X"; then, only with
+    `last_number=True`, the last number in the text. A raw model response goes through `final_answer`.
     """
     if not text:
-        return None
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    elif "<think>" in text:
         return None
     boxed = last_boxed(text)
     if boxed is not None:
@@ -635,8 +633,16 @@ def grade_with_method(predicted: str | None, reference, timeout: float = 5.0) ->
     return correct, method
 
 
+def final_answer(response: str | None, last_number: bool = False) -> str | None:
+    """The final answer of a raw model response: its answer part (`chat_template.split_response`, the one cut at
+    the think block; an unclosed block has none), then `extract_answer`."""
+    _, answer_part, _ = split_response(response or "")
+    return extract_answer(answer_part, last_number=last_number)
+
+
 def grade_response(response: str, reference, timeout: float = 5.0, last_number: bool = False) -> GradeResult:
-    """Extract the final answer of a model response and grade it."""
-    predicted = extract_answer(response, last_number=last_number)
+    """Grade a raw model response (think block and all) against the reference: every stage that grades a
+    response calls this, so curation, rewards, GRPO's held-out check and evaluation agree on the same text."""
+    predicted = final_answer(response, last_number=last_number)
     correct, method = grade_with_method(predicted, reference, timeout)
     return GradeResult(predicted=predicted, correct=correct, method=method)

@@ -313,7 +313,7 @@ def heldout_accuracy(backend, cfg: EvalConfig, max_tokens: int) -> dict[str, flo
         problems = task.heldout_problems([lvl], cfg.per_level)
         comps = backend.generate([prompt_ids(p) for p in problems], n=n, seed=0, max_tokens=max_tokens,
                                  temperature=cfg.temperature)
-        correct = [grade_response(ct.split_response(c.text)[1], p.answer).correct
+        correct = [grade_response(c.text, p.answer).correct
                    for p, group in zip(problems, comps) for c in group]
         out[f"L{lvl}"] = sum(correct) / len(correct)
     out["mean"] = sum(out.values()) / len(cfg.levels)
@@ -527,8 +527,7 @@ def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: li
     else:
         from recipes.grader import grade_response
 
-        m["accuracy"] = sum(grade_response(ct.split_response(tok.decode([t for t in r if t != tok.eos_id()]))[1],
-                                           gr.problem["answer"]).correct for gr in groups for r in gr.responses) \
+        m["accuracy"] = sum(grade_response(tok.decode([t for t in r if t != tok.eos_id()]), gr.problem["answer"]).correct for gr in groups for r in gr.responses) \
             / len(rewards)
     return m
 

@@ -5,14 +5,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    path = SHARED / "data"
-    if not path.exists():
-        pytest.fail(f"shared data not found at {path}")
-    return path
+def data_root() -> Path:
+    """The repository's own data root (benchmarks, GSM8K train), whatever $NRR_DATA_ROOT says."""
+    from recipes.data.catalog import REPOSITORY_DATA_ROOT
+
+    return REPOSITORY_DATA_ROOT

@@ -26,6 +26,10 @@ class SlurmUnavailable(RuntimeError):
     """The cluster could not be installed or started here."""
 
 
+class SlurmCannotInstall(SlurmUnavailable):
+    """The packages are missing and this machine cannot install them (no root or no apt-get)."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,8 +39,11 @@ def _free_port() -> int:
 def ensure_installed(timeout: float = 600) -> None:
     if all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in BINARIES):
         return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable("Slurm is not installed and installing it needs root")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SlurmCannotInstall(f"these tests start a real one-node Slurm cluster and need {', '.join(PACKAGES)}; "
+                                 "they are not installed and this user cannot install them (needs root and apt-get). "
+                                 f"Install them once with `sudo apt-get install -y {' '.join(PACKAGES)}` (Debian/"
+                                 "Ubuntu), then re-run; the tests start and stop the daemons themselves.")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

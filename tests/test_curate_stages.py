@@ -251,12 +251,12 @@ def test_exact_and_fuzzy_dedup_by_hand():
     assert fuzzy[2][2] == "near_duplicate" and fuzzy[2][1] >= 0.8
 
 
-def test_decontamination_finds_benchmarks_and_the_heldout_split(shared_data):
-    index = build_index(DecontamConfig(benchmarks_dir=str(shared_data / "benchmarks"), heldout_per_level=100))
-    math500 = json.loads((shared_data / "benchmarks/math500.jsonl").read_text().splitlines()[7])
+def test_decontamination_finds_benchmarks_and_the_heldout_split(data_root):
+    index = build_index(DecontamConfig(heldout_per_level=100))
+    math500 = json.loads((data_root / "benchmarks/math500.jsonl").read_text().splitlines()[7])
     ref, how = index.match("Please solve: " + math500["problem"] + " Show your work.")
     assert ref.startswith("math500:") and "gram" in how
-    gsm = json.loads((shared_data / "benchmarks/gsm8k.jsonl").read_text().splitlines()[0])
+    gsm = json.loads((data_root / "benchmarks/gsm8k.jsonl").read_text().splitlines()[0])
     assert index.match(gsm["question"])[0] == "gsm8k:1"
     held = task.heldout_problems([3], 5)[4]
     assert index.match(held.question) == (f"embedded-heldout:{held.id}", "heldout_expression")
@@ -329,7 +329,7 @@ def test_nrr_curate_names_file_and_line_of_a_bad_record(tmp_path):
     bad = tmp_path / "problems.jsonl"
     bad.write_text('{"id": "a", "problem": "1+1", "answer": "2"}\n{"id": "b", "problem": "2+2"}\n')
     r = subprocess.run([sys.executable, "-m", "recipes.cli", "curate", "--config", "nemo_configs/curate/gsm8k_sft.yaml",
-                        f"input.path={bad}", "input.id_field=id", "input.problem_field=problem",
+                        f"input.path={bad}", "input.dataset=null", "input.id_field=id", "input.problem_field=problem",
                         "input.answer_field=answer", "input.answer_regex=null", "input.solution_field=null",
                         f"output.dir={tmp_path / 'out'}"],
                        cwd=root, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})

@@ -138,10 +138,14 @@ def _chromium() -> str:
         if shutil.which(name):
             return shutil.which(name)
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is missing and apt-get cannot install it here (needs root and apt)")
-    res = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True, timeout=600)
+        pytest.skip("this test renders the HTML report in headless Chromium, which is not installed, and this user "
+                    "cannot install it (needs root and apt-get): `sudo apt-get install -y chromium` (Debian/Ubuntu) "
+                    "or put a chromium / google-chrome binary on PATH, then re-run")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if res.returncode != 0 or not shutil.which("chromium"):
-        pytest.skip(f"chromium is missing and `apt-get install -y chromium` failed: {res.stderr[-300:]}")
+        pytest.fail(f"chromium is missing and `apt-get install -y chromium` failed: {res.stderr[-300:]}")
     return shutil.which("chromium")
 
 

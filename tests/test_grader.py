@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from recipes import grader
-from recipes.grader import extract_answer, grade, grade_response
+from recipes.grader import extract_answer, final_answer, grade, grade_response
 
 CASES = Path(__file__).parent / "data" / "grader_cases.jsonl"
 
@@ -48,8 +48,8 @@ def test_equivalent_forms(predicted, reference, expected):
     assert grade(predicted, reference) is expected
 
 
-def _benchmark_references(shared_data):
-    bench = shared_data / "benchmarks"
+def _benchmark_references(data_root):
+    bench = data_root / "benchmarks"
 
     def rows(name):
         return [json.loads(line) for line in (bench / name).read_text().splitlines() if line.strip()]
@@ -64,8 +64,8 @@ def _benchmark_references(shared_data):
     }
 
 
-def test_every_benchmark_reference_grades_itself(shared_data):
-    for name, refs in _benchmark_references(shared_data).items():
+def test_every_benchmark_reference_grades_itself(data_root):
+    for name, refs in _benchmark_references(data_root).items():
         assert refs and all(r is not None for r in refs), name
         for ref in refs:
             text = ref if isinstance(ref, str) else grader._as_text(ref)
@@ -87,9 +87,9 @@ def test_extract_answer_conventions():
     assert extract_answer("I get 41 and then 42.", last_number=True) == "42"
     assert extract_answer("") is None and extract_answer(None) is None
     # a think block: only the part after it counts; an unclosed one has no answer yet
-    assert extract_answer("<think>\n\\boxed{1}\n</think>\n\n\\boxed{2}") == "2"
-    assert extract_answer("<think>\nmaybe \\boxed{1}") is None
-    assert extract_answer("<think>\n\\boxed{1}\n</think>\n\nno box") is None
+    assert final_answer("<think>\n\\boxed{1}\n</think>\n\n\\boxed{2}") == "2"
+    assert final_answer("<think>\nmaybe \\boxed{1}") is None
+    assert final_answer("<think>\n\\boxed{1}\n</think>\n\nno box") is None
 
 
 def test_grade_response_methods_and_stats():
@@ -138,3 +138,53 @@ def test_pathological_responses_are_bounded():
     start = time.monotonic()
     assert grade_response(r"\boxed{\sqrt{9}}", "3").correct  # a fresh worker after the timeout
     assert time.monotonic() - start < grader.STARTUP_TIMEOUT
+
+
+# One cut at the think block for every stage: (response with {A} for the right answer, {W} a wrong one, verdict)
+CUT_CASES = [
+    ("<think>\nwork \\boxed{{{W}}}\n</think>\n\n\\boxed{{{A}}}", True),  # closed: the answer part decides
+    ("<think>\nwork \\boxed{{{A}}}", False),  # unclosed: no answer yet, whatever the thinking boxed
+    ("<think>\n\\boxed{{{W}}}\n</think>\n\\boxed{{{W}}}</think>\n\n\\boxed{{{A}}}", True),  # two closes: after the last
+    ("<think>\nx\n</think>\n\n\\boxed{{{A}}}\n</think>\n\nno box", False),
+    ("so the answer is \\boxed{{{A}}}", True),  # no think block: all of it is the answer
+    ("work\n</think>\n\n\\boxed{{{A}}}", True),  # the opening tag was in the prompt
+]
+
+
+def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_evaluation():
+    from curator_pipelines.filters import judge_correctness, parse_response
+    from curator_pipelines.config import FilterConfig
+    from recipes import task
+    from recipes.evaluation.backends import Completion
+    from recipes.evaluation.config import GenerationConfig
+    from recipes.evaluation.runner import build_record
+    from recipes.grpo import EvalConfig, heldout_accuracy
+    from recipes.rl.rewards import RewardsConfig, Sample, accuracy
+    from recipes.rl.rollout import Completion as RolloutCompletion
+
+    problems = task.heldout_problems([2], 4)
+
+    class ScriptedEngine:
+        """The rollout engine's generate() answering each held-out prompt with the case's text (no model)."""
+
+        def __init__(self, template: str):
+            self.template = template
+
+        def generate(self, prompts, n, seed, max_tokens, temperature):
+            assert len(prompts) == len(problems)
+            return [[RolloutCompletion([], self.template.format(A=p.answer, W=int(p.answer) + 1), "stop")] * n
+                    for p in problems]
+
+    for template, expected in CUT_CASES:
+        verdicts = {}
+        for p in problems:
+            text = template.format(A=p.answer, W=int(p.answer) + 1)
+            verdicts.setdefault("curation", set()).add(
+                judge_correctness({**parse_response(text), "reference": p.answer}, FilterConfig())[0])
+            verdicts.setdefault("reward", set()).add(accuracy(Sample(response=text, answer=p.answer), RewardsConfig()) == 1.0)
+            record = build_record({"id": p.id, "benchmark": "embedded", "problem": p.question, "answer": p.answer}, 0,
+                                  Completion(text, 10, "stop"), GenerationConfig(), lambda s: len(s), 5.0)
+            verdicts.setdefault("evaluation", set()).add(record["is_correct"])
+        heldout = heldout_accuracy(ScriptedEngine(template), EvalConfig(levels=[2], per_level=4), 64)["L2"]
+        verdicts["grpo_heldout"] = {heldout == 1.0} if heldout in (0.0, 1.0) else {None}
+        assert verdicts == dict.fromkeys(verdicts, {expected}), (template, verdicts)

@@ -1,7 +1,7 @@
 """Benchmarks as lists of problems: {id, benchmark, problem, answer[, level]}.
 
-Each built-in benchmark names its file under `../shared/data/benchmarks` and how to read its
-problem, reference answer and id; any other JSONL works with `name: jsonl` and its field names.
+Each built-in benchmark is a dataset of `recipes.data.catalog` (resolved through the data root) with
+how to read its problem, reference answer and id; any other JSONL works with `name: jsonl` and its field names.
 The embedded arithmetic task reads its fixed held-out split from `recipes.task`.
 """
 
@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
+from recipes.data import catalog
 from recipes.grader import last_boxed
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data"
-
 MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("NRR_SHARED_DATA", DEFAULT_DATA_ROOT))
 
 
 def _gsm8k_answer(row: dict) -> str:
@@ -38,28 +31,27 @@ def _minerva_answer(row: dict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSpec:
-    file: str  # relative to the data root
     problem_field: str
     answer: Callable[[dict], object]  # the reference answer of a row (a string, or a list of them)
     id_field: str | None
 
 
 BUILTIN: dict[str, BenchmarkSpec] = {
-    "math500": BenchmarkSpec("benchmarks/math500.jsonl", "problem", lambda r: r["answer"], "unique_id"),
-    "aime24": BenchmarkSpec("benchmarks/aime24.jsonl", "problem", lambda r: str(r["answer"]), "id"),
+    "math500": BenchmarkSpec("problem", lambda r: r["answer"], "unique_id"),
+    "aime24": BenchmarkSpec("problem", lambda r: str(r["answer"]), "id"),
     # AMC23 answers are floats in the file (27.0): the integer is the answer
-    "amc23": BenchmarkSpec("benchmarks/amc23.jsonl", "problem", lambda r: f"{float(r['answer']):g}", "id"),
-    "gsm8k": BenchmarkSpec("benchmarks/gsm8k.jsonl", "question", _gsm8k_answer, None),
-    "minerva_math": BenchmarkSpec("benchmarks/minerva_math.jsonl", "problem", _minerva_answer, "idx"),
+    "amc23": BenchmarkSpec("problem", lambda r: f"{float(r['answer']):g}", "id"),
+    "gsm8k": BenchmarkSpec("question", _gsm8k_answer, None),
+    "minerva_math": BenchmarkSpec("problem", _minerva_answer, "idx"),
     # final_answer is a list: every answer must be given (in any order)
-    "olympiadbench": BenchmarkSpec("benchmarks/olympiadbench.jsonl", "question", lambda r: r["final_answer"], "id"),
+    "olympiadbench": BenchmarkSpec("question", lambda r: r["final_answer"], "id"),
 }
 NAMES = (*BUILTIN, "embedded", "jsonl")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
-        raise FileNotFoundError(f"benchmark file not found: {path} (set NRR_SHARED_DATA or benchmarks[].path)")
+        raise FileNotFoundError(f"benchmark file not found: {path}")
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -71,8 +63,11 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_benchmark(cfg) -> list[dict]:
-    """Problems of one benchmark (a `BenchmarkConfig`), the first `limit` of them when set."""
+def load_benchmark(cfg, data_root: str | None = None) -> list[dict]:
+    """Problems of one benchmark (a `BenchmarkConfig`), the first `limit` of them when set.
+
+    A built-in benchmark is read from `data_root` (see `catalog.data_root`) unless `cfg.path` names a file.
+    """
     if cfg.name == "embedded":
         from recipes import task
 
@@ -95,7 +90,7 @@ def load_benchmark(cfg) -> list[dict]:
     if cfg.name not in BUILTIN:
         raise ValueError(f"unknown benchmark '{cfg.name}'; choose one of {', '.join(NAMES)}")
     spec = BUILTIN[cfg.name]
-    path = Path(cfg.path) if cfg.path else data_root() / spec.file
+    path = Path(cfg.path) if cfg.path else catalog.path_of(cfg.name, data_root)
     rows = _read_jsonl(path)
     if cfg.limit:
         rows = rows[: cfg.limit]

@@ -53,6 +53,7 @@ class EvalConfig:
     models: dict[str, str] = dataclasses.field(default_factory=dict)
     init_seed: int = 1234  # the random weights' seed when `model` is a config.json
     benchmarks: list[BenchmarkConfig] = dataclasses.field(default_factory=list)
+    data_root: str | None = None  # where built-in benchmarks are read (None: $NRR_DATA_ROOT, else the repository's)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     output_dir: str = "outputs/eval/run"
     run_name: str | None = None  # the name in reports (default: the output folder's name)

@@ -204,7 +204,7 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
                      "temperature": g.temperature, "thinking": g.thinking, "benchmarks": {}}
     started = time.monotonic()
     for bench, label in zip(cfg.benchmarks, labels):
-        problems = load_benchmark(dataclasses.replace(bench, label=label))
+        problems = load_benchmark(dataclasses.replace(bench, label=label), cfg.data_root)
         path = out / f"{label}.jsonl"
         drop_torn_tail(path)
         done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}

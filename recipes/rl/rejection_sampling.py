@@ -19,8 +19,8 @@ def select_correct(problem: dict, responses: list[str], max_keep: int | None = N
 
     kept: list[str] = []
     for text in responses:
-        thinking, answer, closed = ct.split_response(text)
-        if closed and text not in kept and grade_response(answer, problem["answer"]).correct:
+        closed = ct.split_response(text)[2]
+        if closed and text not in kept and grade_response(text, problem["answer"]).correct:
             kept.append(text)
         if max_keep is not None and len(kept) >= max_keep:
             break

@@ -39,17 +39,11 @@ class RewardsConfig:
     code_memory_mb: int = 256
 
 
-def _final_part(response: str) -> str:
-    """The text after the think block (the whole response when the block never closes)."""
-    _, answer, closed = ct.split_response(response)
-    return answer if closed else response
-
-
 def accuracy(s: Sample, cfg: RewardsConfig) -> float:
     """1 when the final answer matches the reference (the shared grader decides)."""
     from recipes.grader import grade_response
 
-    return 1.0 if grade_response(_final_part(s.response), s.answer).correct else 0.0
+    return 1.0 if grade_response(s.response, s.answer).correct else 0.0
 
 
 _BOXED = re.compile(r"\\boxed\{[^{}]*\}")
