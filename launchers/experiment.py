@@ -225,3 +225,38 @@ def experiment_logs(exp_id: str, task: str | None) -> None:
 
 def is_local(profile: Profile) -> bool:
     return isinstance(profile, LocalProfile)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(stage or pipeline overrides, executor overrides without their `executor.` prefix)."""
+    stage, executor = [], []
+    for text in overrides:
+        if text.startswith("executor."):
+            executor.append(text[len("executor."):])
+        else:
+            stage.append(text)
+    return stage, executor
+
+
+def print_rendered(rendered, file=None) -> None:
+    out = file or sys.stdout
+    for item in rendered:
+        after = f" after: {', '.join(item.after)}" if item.after else ""
+        print(f"# ---- {item.name} ({item.kind}){after} ----", file=out)
+        print(item.text.rstrip("\n"), file=out)
+
+
+def execute(title: str, tasks, profile, dry: bool, detach: bool) -> int:
+    """Dry-run or run the tasks; return 0 when every stage succeeded, else the first failure's code."""
+    if dry:
+        print_rendered(dryrun(title, tasks, profile))
+        return 0
+    exp_id, results = run(title, tasks, profile, detach=detach)
+    if detach:
+        print(f"submitted experiment {exp_id}; follow it with: nrr launch --status {exp_id}")
+        return 0
+    print_results(exp_id, results, profile)
+    for r in results:
+        if r.state != "SUCCEEDED":
+            return r.exit_code or 1
+    return 0

@@ -68,7 +68,7 @@ class PipelineConfig:
     summary: SummaryConfig | None = None
 
 
-def _substitute(text: str, dirs: dict[str, str], own: str | None, run_dir: str, where: str) -> str:
+def substitute(text: str, dirs: dict[str, str], own: str | None, run_dir: str, where: str) -> str:
     def repl(m: re.Match) -> str:
         name, dot_dir = m.group(1), m.group(2)
         if name == "endpoint" and not dot_dir:
@@ -114,7 +114,7 @@ def plan(cfg: PipelineConfig, profile: Profile, only: list[str] | None = None) -
                 raise ConfigError(f"{where}: depends on unknown step '{name}'")
             if names.index(name) >= i:
                 raise ConfigError(f"{where}: depends on '{name}', which must come earlier in 'steps'")
-        overrides = [_substitute(o, dirs, step.name, run_dir, where) for o in step.overrides]
+        overrides = [substitute(o, dirs, step.name, run_dir, where) for o in step.overrides]
         config = step.config or spec.default_config
         tasks[step.name] = StageTask(
             name=step.name,
@@ -122,7 +122,7 @@ def plan(cfg: PipelineConfig, profile: Profile, only: list[str] | None = None) -
             nrr_args=stage_args(step.stage, code_path(profile, config) if config else None, overrides),
             stage_dir=dirs[step.name],
             requires=[dirs[n] for n in dict.fromkeys(upstream)],
-            serve_cmd=_substitute(step.serve.command, dirs, step.name, run_dir, where) if step.serve else None,
+            serve_cmd=substitute(step.serve.command, dirs, step.name, run_dir, where) if step.serve else None,
             serve_port=step.serve.port if step.serve else 8000,
             serve_ready_path=step.serve.ready_path if step.serve else "/health",
             env={k: str(v) for k, v in step.env.items()},
@@ -149,7 +149,7 @@ def summary_rows(cfg: PipelineConfig, profile: Profile) -> list[tuple[str, str, 
     dirs = {s.name: f"{run_dir}/{s.name}" for s in cfg.steps}
     rows = []
     for label, template in cfg.summary.rows.items():
-        path = _substitute(template, dirs, None, run_dir, f"summary.rows.{label}")
+        path = substitute(template, dirs, None, run_dir, f"summary.rows.{label}")
         value = None
         if Path(path).exists():
             node = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -67,8 +67,8 @@ def bench_grpo(init_checkpoint: str | None = None, prompts: int = 16, group_size
     import torch
 
     from recipes import task
-    from recipes.convert import load_pretrained
-    from recipes.grpo import prompt_ids
+    from recipes.megatron.hf_checkpoint import load_pretrained
+    from recipes.rl.rollout import prompt_ids
     from recipes.megatron import providers, runtime
     from recipes.rl.refit import write_engine_dir
     from recipes.sft import TINY_STUDENT, resolve_path

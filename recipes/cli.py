@@ -66,11 +66,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    """The arguments every config-driven stage shares: --config and key=value overrides."""
-    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config key")
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ type or a missing required value. `save_config` writes the resolved config next 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -237,3 +238,9 @@ T = typing.TypeVar("T")
 
 def replace(cfg: T, **changes: Any) -> T:
     return dataclasses.replace(cfg, **changes)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """The arguments every config-driven stage shares: --config and key=value overrides."""
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config key")

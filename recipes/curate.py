@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recipes.cli import add_config_arguments
+from recipes.config import add_config_arguments
 from recipes.config import load_config
 
 HELP = "Curate a long chain-of-thought corpus with a NeMo Curator pipeline (teacher, filters, dedup, decontam)."

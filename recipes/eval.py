@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from recipes.cli import add_config_arguments
+from recipes.config import add_config_arguments
 
 HELP = "Evaluate reasoning on MATH-500, AIME24, AMC23, GSM8K, Minerva, OlympiadBench and the embedded task."
 DEFAULT_CONFIG = "nemo_configs/eval/math.yaml"

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from recipes import chat_template as ct
 from recipes import task
 from recipes import tokenizer as tok
 from recipes.config import ConfigError, load_config, save_config
 from recipes.rl.advantages import group_advantages, informative_groups
 from recipes.rl.losses import LossConfig, policy_loss, reduce_loss
 from recipes.rl.rewards import RewardsConfig, Sample, check_weights, score
-from recipes.rl.rollout import RolloutConfig
+from recipes.rl.rollout import RolloutConfig, prompt_ids
 from recipes.sft import (CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, TrainingConfig, resolve_path,
                          rng_state, set_rng_state)
 
@@ -117,10 +116,6 @@ def check_config(cfg: GRPOConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ prompts and rollouts
-
-
-def prompt_ids(problem: task.Problem) -> list[int]:
-    return tok.encode(ct.render_prompt(problem.question))
 
 
 class PromptSampler:
@@ -366,7 +361,7 @@ def plot_reward_curve(run_dir: Path) -> Path | None:
 def train(cfg: GRPOConfig) -> dict:
     from megatron.core import parallel_state as ps
 
-    from recipes.convert import load_pretrained
+    from recipes.megatron.hf_checkpoint import load_pretrained
     from recipes.megatron import checkpointing, providers, runtime, train_step
     from recipes.metrics import MetricsLogger, progress
     from recipes.rl.refit import refit, write_engine_dir
@@ -527,8 +522,9 @@ def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: li
     else:
         from recipes.grader import grade_response
 
-        m["accuracy"] = sum(grade_response(tok.decode([t for t in r if t != tok.eos_id()]), gr.problem["answer"]).correct for gr in groups for r in gr.responses) \
-            / len(rewards)
+        texts = [(tok.decode([t for t in r if t != tok.eos_id()]), gr.problem["answer"]) for gr in groups
+                 for r in gr.responses]
+        m["accuracy"] = sum(grade_response(text, answer).correct for text, answer in texts) / len(rewards)
     return m
 
 
@@ -536,7 +532,7 @@ def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: li
 
 
 def add_arguments(parser) -> None:
-    from recipes.cli import add_config_arguments
+    from recipes.config import add_config_arguments
 
     # `nrr grpo rejection-sample [...]` is the same as `nrr grpo mode=rejection_sample [...]`
     add_config_arguments(parser, DEFAULT_CONFIG)

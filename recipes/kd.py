@@ -139,7 +139,7 @@ class Teacher:
         self.chunks = None
 
     def build(self) -> None:
-        from recipes.convert import load_pretrained
+        from recipes.megatron.hf_checkpoint import load_pretrained
         from recipes.megatron import providers
         from recipes.sft import model_dtype
 
@@ -207,7 +207,7 @@ def check_kd_config(cfg: KDConfig) -> None:
 
 
 def add_arguments(parser) -> None:
-    from recipes.cli import add_config_arguments
+    from recipes.config import add_config_arguments
 
     add_config_arguments(parser, DEFAULT_CONFIG)
 

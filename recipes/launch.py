@@ -37,25 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(stage or pipeline overrides, executor overrides without their `executor.` prefix)."""
-    stage, executor = [], []
-    for text in overrides:
-        if text.startswith("executor."):
-            executor.append(text[len("executor."):])
-        else:
-            stage.append(text)
-    return stage, executor
-
-
-def print_rendered(rendered, file=None) -> None:
-    out = file or sys.stdout
-    for item in rendered:
-        after = f" after: {', '.join(item.after)}" if item.after else ""
-        print(f"# ---- {item.name} ({item.kind}){after} ----", file=out)
-        print(item.text.rstrip("\n"), file=out)
-
-
 def stage_tasks(args: argparse.Namespace, profile, stage_overrides: list[str]):
     from launchers.executors import StageTask
     from launchers.profiles import code_path, run_path
@@ -76,29 +57,11 @@ def stage_tasks(args: argparse.Namespace, profile, stage_overrides: list[str]):
     )]
 
 
-def execute(title: str, tasks, profile, dryrun: bool, detach: bool) -> int:
-    """Dry-run or run the tasks; return 0 when every stage succeeded, else the first failure's code."""
-    from launchers import experiment
-
-    if dryrun:
-        print_rendered(experiment.dryrun(title, tasks, profile))
-        return 0
-    exp_id, results = experiment.run(title, tasks, profile, detach=detach)
-    if detach:
-        print(f"submitted experiment {exp_id}; follow it with: nrr launch --status {exp_id}")
-        return 0
-    experiment.print_results(exp_id, results, profile)
-    for r in results:
-        if r.state != "SUCCEEDED":
-            return r.exit_code or 1
-    return 0
-
-
 def cli(args: argparse.Namespace) -> int:
     from launchers import experiment
     from launchers.profiles import load_profile
 
-    stage_overrides, executor_overrides = split_overrides(args.overrides)
+    stage_overrides, executor_overrides = experiment.split_overrides(args.overrides)
     if args.status or args.logs:
         profile = load_profile(args.executor or "local", executor_overrides)
         experiment.use_nemorun_home(profile)
@@ -121,4 +84,4 @@ def cli(args: argparse.Namespace) -> int:
     experiment.use_nemorun_home(profile)
     tasks = stage_tasks(args, profile, stage_overrides)
     title = args.name or f"{args.target}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return execute(title, tasks, profile, args.dryrun, args.detach)
+    return experiment.execute(title, tasks, profile, args.dryrun, args.detach)

@@ -50,12 +50,12 @@ def print_summary(cfg, profile, file=None) -> None:
         table.add_row(label, cell(value), *(cell(levels[label].get(n)) for n in names), path)
     console.print(table)
     if cfg.summary.report:
-        from launchers.pipeline import _substitute, write_report
+        from launchers.pipeline import substitute, write_report
         from launchers.profiles import run_path
 
         run_dir = run_path(profile, cfg.run_dir)
         dirs = {s.name: f"{run_dir}/{s.name}" for s in cfg.steps}
-        report = _substitute(cfg.summary.report, dirs, None, run_dir, "summary.report")
+        report = substitute(cfg.summary.report, dirs, None, run_dir, "summary.report")
         write_report(cfg, profile, report)
         console.print(f"report: {report}", markup=False)
 
@@ -66,7 +66,6 @@ def run_pipeline(config: str, overrides: list[str], executor: str | None, execut
     from launchers.pipeline import PipelineConfig, plan
     from launchers.profiles import load_profile, run_path
     from recipes.config import load_config, save_config
-    from recipes.launch import execute
 
     cfg = load_config(PipelineConfig, config, overrides)
     profile = load_profile(executor or cfg.executor, list(cfg.executor_overrides) + list(executor_overrides))
@@ -79,14 +78,14 @@ def run_pipeline(config: str, overrides: list[str], executor: str | None, execut
         if profile.kind == "local" or run_dir.parent.exists():
             save_config(cfg, run_dir / "pipeline.yaml")
     title = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    rc = execute(title, tasks, profile, dryrun, detach)
+    rc = experiment.execute(title, tasks, profile, dryrun, detach)
     if not dryrun and not detach:
         print_summary(cfg, profile)
     return rc
 
 
 def cli(args: argparse.Namespace) -> int:
-    from recipes.launch import split_overrides
+    from launchers.experiment import split_overrides
 
     overrides, executor_overrides = split_overrides(args.overrides)
     return run_pipeline(args.config, overrides, args.executor, executor_overrides, dryrun=args.dryrun,

@@ -57,7 +57,7 @@ def cli(args: argparse.Namespace) -> int:
 
 def _launch(names, goldens, runs: Path, args) -> int:
     from launchers.pipeline import PipelineConfig, StepConfig
-    from recipes.launch import split_overrides
+    from launchers.experiment import split_overrides
     from recipes.pipeline import run_pipeline
 
     _, executor_overrides = split_overrides(args.overrides)

@@ -360,7 +360,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
         set_rng_state(extra["rng"])
         runtime.print_rank0(f"[{stage}] resumed from {ckpt_dir} at step {start}")
     elif cfg.model.init_checkpoint:
-        from recipes.convert import load_pretrained
+        from recipes.megatron.hf_checkpoint import load_pretrained
 
         load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
 
@@ -419,7 +419,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     logger.close()
     _barrier()
     if cfg.export_hf:
-        from recipes.convert import export_to_hf
+        from recipes.megatron.hf_checkpoint import export_to_hf
 
         summary["hf_dir"] = str(export_to_hf(ckpt_dir, run_dir / "hf"))  # collective: every rank takes part
     if rank0:
@@ -435,7 +435,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
 
 
 def add_arguments(parser) -> None:
-    from recipes.cli import add_config_arguments
+    from recipes.config import add_config_arguments
 
     add_config_arguments(parser, DEFAULT_CONFIG)
 

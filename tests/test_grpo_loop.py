@@ -161,7 +161,7 @@ def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
             return out
 
     problems = task.heldout_problems([2, 3], 5)
-    from recipes.grpo import prompt_ids
+    from recipes.rl.rollout import prompt_ids
     p_ids = {p.id: prompt_ids(p) for p in problems}
     engine = ScriptedEngine({2: 3, 3: 1})
     sampled = heldout_accuracy(engine, EvalConfig(levels=[2, 3], per_level=5, temperature=0.6, samples=4), 64)

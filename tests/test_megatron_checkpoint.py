@@ -73,7 +73,7 @@ def test_latest_step_reads_only_complete_markers(tmp_path):
 def test_model_only_checkpoint_refuses_an_optimizer_clearly(tmp_path):
     code = f"""
 import sys
-from recipes.convert import init_tiny_checkpoint
+from recipes.megatron.hf_checkpoint import init_tiny_checkpoint
 from recipes.megatron import checkpointing, providers, runtime, train_step
 init_tiny_checkpoint("{ROOT}/recipes/assets/models/tiny-qwen2", "{tmp_path}/base", seed=1)
 runtime.init_distributed(1, 1)

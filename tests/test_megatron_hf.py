@@ -65,7 +65,7 @@ def test_rope_llama3_scaling_matches_transformers():
 
 
 def test_tokenizer_model_mismatch_is_a_clear_error(tmp_path):
-    from recipes.convert import init_tiny_checkpoint
+    from recipes.megatron.hf_checkpoint import init_tiny_checkpoint
     from recipes.megatron import providers
 
     hf = providers.load_hf_config(ROOT / "recipes/assets/models/tiny-qwen2")

@@ -13,7 +13,7 @@ import io
 import json
 from pathlib import Path
 
-from recipes.evaluation.runner import read_records
+from recipes.evaluation.records import read_records
 
 
 def load_run(run_dir: Path) -> dict:

@@ -20,6 +20,7 @@ from recipes.evaluation import backends as B
 from recipes.evaluation.benchmarks import default_instruction, load_benchmark
 from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig
 from recipes.evaluation.metrics import reflection_count, summarize
+from recipes.evaluation.records import drop_torn_tail, read_records
 
 
 # ------------------------------------------------------------------------------ model and backend
@@ -37,7 +38,7 @@ def resolve_model(model: str, output_dir: Path, init_seed: int = 1234) -> str:
     out = output_dir / "hf_model"
     if not (out / "config.json").exists():
         try:
-            from recipes.convert import export_to_hf, init_tiny_checkpoint
+            from recipes.megatron.hf_checkpoint import export_to_hf, init_tiny_checkpoint
         except ImportError as err:
             raise RuntimeError(f"{model} is not an HF folder and the Megatron exporter is unavailable: {err}") from None
         if path.is_file() and path.suffix == ".json":
@@ -59,34 +60,6 @@ def make_backend(cfg: EvalConfig, model_dir: str):
         tok_dir = cfg.model if Path(cfg.model).is_dir() else None
         return B.OpenAIBackend(g.base_url, cfg.model, g.api_key_env, g.max_concurrency, g.request_timeout, tok_dir)
     raise ValueError(f"unknown backend '{g.backend}'")
-
-
-# ------------------------------------------------------------------------------ records
-
-
-def read_records(path: Path) -> list[dict]:
-    """Records of a samples file; a torn last line (a killed run) is ignored."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def drop_torn_tail(path: Path) -> None:
-    """Cut a half-written last line (a killed run) so appended records start on a line of their own."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(-1, 2)
-        if f.read(1) == b"\n":
-            return
-        data = f.seek(0) or f.read()
-        f.truncate(data.rfind(b"\n") + 1)
 
 
 def build_record(problem: dict, sample_idx: int, comp: B.Completion, g: GenerationConfig, count_tokens,

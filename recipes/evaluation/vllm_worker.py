@@ -78,13 +78,13 @@ def load_weights(llm, model_dir: str) -> None:
 
     from safetensors.torch import load_file
 
-    from recipes.rl.rollout import _reload_in_worker
+    from recipes.rl.rollout import reload_in_worker
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors")
     weights = [item for f in files for item in load_file(str(f)).items()]
-    llm.collective_rpc(_reload_in_worker, args=(weights,))
+    llm.collective_rpc(reload_in_worker, args=(weights,))
     llm.reset_prefix_cache()
 
 

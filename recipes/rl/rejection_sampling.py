@@ -39,11 +39,10 @@ def to_record(problem: dict, response: str, k: int, provenance: dict) -> dict:
 def run(cfg) -> dict:
     """Single process: load the policy, fill a rollout engine by refit, sample, verify, write JSONL."""
     from recipes import task
-    from recipes.convert import load_pretrained
-    from recipes.grpo import prompt_ids
+    from recipes.megatron.hf_checkpoint import load_pretrained
     from recipes.megatron import providers, runtime
     from recipes.rl.refit import refit, write_engine_dir
-    from recipes.rl.rollout import make_backend
+    from recipes.rl.rollout import make_backend, prompt_ids
     from recipes.sft import resolve_path
 
     opts = {"samples_per_problem": 8, "problems_per_level": 50, "out": None, "max_keep_per_problem": 2,

@@ -110,7 +110,7 @@ _CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
 
 
 def extract_code(text: str) -> str | None:
-    blocks = _CODE_BLOCK.findall(_final_part(text))
+    blocks = _CODE_BLOCK.findall(ct.split_response(text)[1])  # the answer part: an unclosed think block has none
     return blocks[-1] if blocks else None
 
 

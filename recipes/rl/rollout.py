@@ -19,7 +19,13 @@ from typing import Iterable, Literal, Protocol
 
 import torch
 
+from recipes import chat_template as ct
 from recipes import tokenizer as tok
+
+
+def prompt_ids(problem) -> list[int]:
+    """The token ids of a task problem's prompt (`recipes.task.Problem`), rendered with the chat template."""
+    return tok.encode(ct.render_prompt(problem.question))
 
 
 @dataclasses.dataclass
@@ -146,7 +152,7 @@ class VLLMGenerator:
             buf = io.BytesIO()
             torch.save([(n, t.detach().cpu()) for n, t in weights], buf)
             payload = buf.getvalue()
-        self.llm.collective_rpc(_reload_in_worker, args=(payload,))
+        self.llm.collective_rpc(reload_in_worker, args=(payload,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def generate(self, prompts, n, seed, max_tokens=None, temperature=None):
@@ -195,7 +201,7 @@ class VLLMGenerator:
         del self.llm
 
 
-def _reload_in_worker(worker, weights) -> None:
+def reload_in_worker(worker, weights) -> None:
     """Runs inside vLLM's worker: in-place reload, then re-tie the output layer to the embedding.
 
     vLLM's layer-wise reload restores the old tensor of a layer that received no weights; with tied

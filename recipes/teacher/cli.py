@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from recipes.cli import add_config_arguments
+from recipes.config import add_config_arguments
 from recipes.config import load_config
 
 HELP = "Serve the embedded teacher (OpenAI-compatible) with configurable defects and faults."

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from recipes import convert  # noqa: E402
+from recipes.megatron import hf_checkpoint  # noqa: E402
 from recipes.megatron import checkpointing, hf_mapping, providers, runtime  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[2] / "recipes/assets/models"
@@ -51,15 +51,15 @@ def main() -> None:
     save_hf_tokenizer(work / "hf_in")
     original = hf_mapping.read_hf_weights(work / "hf_in")
 
-    convert.import_from_hf(work / "hf_in", work / "ckpt")
-    convert.export_to_hf(work / "ckpt", work / "hf_out")
+    hf_checkpoint.import_from_hf(work / "hf_in", work / "ckpt")
+    hf_checkpoint.export_to_hf(work / "ckpt", work / "hf_out")
     exported = hf_mapping.read_hf_weights(work / "hf_out")
     expected = {k: v for k, v in original.items() if k in hf_mapping.hf_weight_names(hf)}
     report = {"bitwise": sorted(exported) == sorted(expected)
               and all(torch.equal(exported[k], expected[k]) for k in expected)}
 
-    convert.import_from_hf(work / "hf_out", work / "ckpt2")
-    convert.export_to_hf(work / "ckpt2", work / "hf_out2")
+    hf_checkpoint.import_from_hf(work / "hf_out", work / "ckpt2")
+    hf_checkpoint.export_to_hf(work / "ckpt2", work / "hf_out2")
     again = hf_mapping.read_hf_weights(work / "hf_out2")
     report["reimport_bitwise"] = sorted(again) == sorted(exported) and all(torch.equal(again[k], exported[k])
                                                                            for k in exported)

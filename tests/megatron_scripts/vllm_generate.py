@@ -21,7 +21,7 @@ def build(work: Path) -> Path:
     import torch
     import transformers
 
-    from recipes import convert
+    from recipes.megatron import hf_checkpoint
     from recipes.megatron import providers
     from recipes.tokenizer import save_hf_tokenizer
 
@@ -31,8 +31,8 @@ def build(work: Path) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf), dtype=torch.float32)
     model.save_pretrained(work / "hf_in")
     save_hf_tokenizer(work / "hf_in")
-    convert.import_from_hf(work / "hf_in", work / "ckpt")
-    convert.export_to_hf(work / "ckpt", work / "hf_out")
+    hf_checkpoint.import_from_hf(work / "hf_in", work / "ckpt")
+    hf_checkpoint.export_to_hf(work / "ckpt", work / "hf_out")
     return work / "hf_out"
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main() -> None:
     out_json, overrides = sys.argv[1], sys.argv[2:]
     from recipes.config import load_config
-    from recipes.convert import export_to_hf
+    from recipes.megatron.hf_checkpoint import export_to_hf
     from recipes.evaluation import evaluate_model
     from recipes.megatron import checkpointing, runtime
     from recipes.metrics import read_metrics

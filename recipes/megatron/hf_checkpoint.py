@@ -1,0 +1,160 @@
+"""Hugging Face <-> Megatron checkpoints: the one place a model crosses between the two formats.
+
+`import_from_hf(hf_dir, out, tp, pp)`, `export_to_hf(ckpt, out, step=None)`, `init_tiny_checkpoint(hf_config_path,
+out_dir, seed)`, `load_pretrained(model_chunks, path)` (a Megatron checkpoint folder or an HF folder),
+`write_hf_folder(state_dict, hf_config, out, tokenizer_dir)`. Used by every stage that starts from or writes a
+checkpoint (SFT, KD, GRPO, rejection sampling, evaluation) and by `nrr convert`.
+
+The weight mapping itself lives in `recipes.megatron.hf_mapping`. A Megatron checkpoint loads at any TP/PP layout,
+so one process is enough for tiny models. The exported folder holds model.safetensors, config.json,
+generation_config.json and the tokenizer (with the chat template): transformers' `AutoModelForCausalLM` and vLLM
+load it as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "vocab.json", "merges.txt")
+
+
+@contextlib.contextmanager
+def _runtime(tp: int, pp: int, seed: int = 0):
+    """Use the caller's distributed runtime when there is one, else a single process for the duration."""
+    from megatron.core import parallel_state as ps
+
+    from recipes.megatron import runtime
+
+    if ps.model_parallel_is_initialized():
+        # building a model reseeds; give the caller's training run its RNG streams back afterwards
+        rng = runtime.rng_state()
+        try:
+            yield ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        finally:
+            runtime.set_rng_state(rng)
+        return
+    runtime.init_distributed(tp, pp, seed=seed)
+    try:
+        yield tp, pp
+    finally:
+        runtime.destroy_distributed()
+
+
+def _is_ours(tokenizer_dir) -> bool:
+    from recipes.tokenizer import check_compatible
+
+    try:
+        check_compatible(tokenizer_dir)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+def _copy_tokenizer(src, dst: Path) -> None:
+    """Write the tokenizer into `dst`: regenerated when it is the project's (fresh chat template), else copied."""
+    if src is None or _is_ours(src):
+        from recipes.tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(dst)
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        if (Path(src) / name).exists():
+            shutil.copy2(Path(src) / name, dst / name)
+
+
+def _hf_dtype(hf: dict) -> torch.dtype:
+    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config: dict, out, tokenizer_dir=None) -> Path:
+    """An HF model folder: model.safetensors, config.json, generation_config.json, tokenizer + chat template."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = _hf_dtype(hf_config)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    _copy_tokenizer(tokenizer_dir, out)
+    return out
+
+
+def _check_tokenizer(hf: dict, tokenizer_dir, where: str) -> None:
+    from recipes.megatron import providers
+
+    has_tok = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists()
+    providers.check_tokenizer_fits(hf, tokenizer_dir if has_tok else None, where=where)
+
+
+def import_from_hf(hf_dir, out, tp: int = 1, pp: int = 1, step: int = 0) -> Path:
+    """HF folder -> Megatron checkpoint (step `step`, model only) with hf_config.json and tokenizer."""
+    from recipes.megatron import checkpointing, hf_mapping, providers
+
+    hf = providers.load_hf_config(hf_dir)
+    providers.family(hf)
+    _check_tokenizer(hf, hf_dir, f"{Path(hf_dir) / 'config.json'}")
+    weights = hf_mapping.read_hf_weights(hf_dir)
+    with _runtime(tp, pp) as (tp, pp):
+        chunks = providers.build_model(hf, tp, pp, seed=0, ddp=False)
+        hf_mapping.load_hf_into_megatron(chunks, weights, hf)
+        tok = hf_dir if (Path(hf_dir) / "tokenizer.json").exists() and not _is_ours(hf_dir) else None
+        return checkpointing.save_checkpoint(out, step, chunks, hf_config=hf, tokenizer_dir=tok)
+
+
+def init_tiny_checkpoint(hf_config_path, out_dir, seed: int = 0) -> Path:
+    """A randomly initialised Megatron checkpoint (step 0) of an HF config: the demo's base model."""
+    from recipes.megatron import checkpointing, providers
+
+    hf = providers.load_hf_config(hf_config_path)
+    providers.family(hf)
+    _check_tokenizer(hf, None, str(hf_config_path))
+    with _runtime(1, 1, seed) as (tp, pp):
+        chunks = providers.build_model(hf, tp, pp, seed=seed, ddp=False)
+        return checkpointing.save_checkpoint(out_dir, 0, chunks, hf_config=hf)
+
+
+def export_to_hf(ckpt, out, step: int | None = None, tp: int = 1, pp: int = 1) -> Path:
+    """Megatron checkpoint -> HF folder. Inside a distributed run it uses the run's layout (collective; rank 0
+    writes); otherwise it runs in this process at TP=PP=1."""
+    from recipes.megatron import checkpointing, hf_mapping, providers, runtime
+
+    hf = checkpointing.read_hf_config(ckpt)
+    tok_dir = Path(ckpt) / "tokenizer"
+    _check_tokenizer(hf, tok_dir, f"{Path(ckpt) / 'hf_config.json'}")
+    with _runtime(tp, pp) as (tp, pp):
+        chunks = providers.build_model(hf, tp, pp, seed=0, ddp=False)
+        loaded = checkpointing.load_checkpoint(ckpt, chunks, step=step)
+        if loaded is None:
+            raise FileNotFoundError(f"{ckpt}: no complete checkpoint (no 'latest' marker)")
+        state = hf_mapping.megatron_to_hf(chunks, hf)
+        if runtime.rank() == 0:
+            write_hf_folder(state, hf, out, tok_dir if tok_dir.exists() else None)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    return Path(out)
+
+
+def load_pretrained(model_chunks: list, path) -> int | None:
+    """Load weights into built chunks from a Megatron checkpoint folder (returns its step) or an HF folder."""
+    from recipes.megatron import checkpointing, hf_mapping, providers
+
+    p = Path(path)
+    if (p / checkpointing.LATEST).exists():
+        step, _ = checkpointing.load_checkpoint(p, model_chunks)
+        return step
+    if (p / "config.json").exists():
+        hf = providers.load_hf_config(p)
+        hf_mapping.load_hf_into_megatron(model_chunks, hf_mapping.read_hf_weights(p), hf)
+        return None
+    raise FileNotFoundError(f"{p}: neither a Megatron checkpoint (no 'latest') nor an HF folder (no config.json)")
