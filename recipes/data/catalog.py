@@ -101,6 +101,19 @@ def recorded_checksums(root: Path = REPOSITORY_DATA_ROOT) -> dict[str, str]:
     return out
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (blank lines skipped); a line that is not JSON is an error naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not JSON: {err}") from None
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Building a dataset from its source
 
@@ -121,15 +134,8 @@ def read_source(source: str | os.PathLike, split: str) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not JSON: {err}") from None
-        return rows
+    if path.suffix == ".jsonl" and path.exists():
+        return read_jsonl(path)
     if not path.exists():
         raise FileNotFoundError(f"source not found: {path}")
     raise ValueError(f"{path}: give a dataset folder (datasets.save_to_disk), a .parquet or a .jsonl file")

@@ -8,7 +8,6 @@ The embedded arithmetic task reads its fixed held-out split from `recipes.task`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -52,15 +51,7 @@ NAMES = (*BUILTIN, "embedded", "jsonl")
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"benchmark file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not JSON: {err}") from None
-    return rows
+    return catalog.read_jsonl(path)
 
 
 def load_benchmark(cfg, data_root: str | None = None) -> list[dict]:
