@@ -119,7 +119,6 @@ class SelectConfig:
 
 @dataclasses.dataclass
 class OutputConfig:
-    dir: str = "runs/curate/embedded"
     jsonl: bool = True
     parquet: bool = True
     histograms: bool = True
@@ -134,6 +133,7 @@ class ExecutorConfig:
 @dataclasses.dataclass
 class CurateConfig:
     name: str = "curate"
+    output_dir: str = "runs/curate/embedded"  # curated.jsonl / .parquet, the report and the run's own files
     data_root: str | None = None  # where named datasets are read (None: $NRR_DATA_ROOT, else the repository's)
     input: InputConfig = dataclasses.field(default_factory=InputConfig)
     embedded_problems: EmbeddedProblemsConfig = dataclasses.field(default_factory=EmbeddedProblemsConfig)

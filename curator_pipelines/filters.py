@@ -1,7 +1,7 @@
 """Stages 3-4: parse each response, then one stage per filter, each recording verdict and reason.
 
 The judging functions are plain functions of one record (testable, and timed by
-`recipes.bench_curate`); the stages apply them to the records still kept.
+`recipes.bench.curate`); the stages apply them to the records still kept.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
     read -> generate -> parse -> filter_* -> dedup_exact -> dedup_fuzzy -> decontam -> select -> write -> report
 
 The reader emits the whole problem set as one `DocumentBatch`, so the global stages (dedup,
-selection) see every record. A run gets its own Ray temp dir and an environment marker; Ray
-processes that outlive the run are found by that marker and stopped. With `embedded_teacher`, the
-teacher server runs as a child process for the length of the run.
+selection) see every record. A run gets its own Ray session (`curator_pipelines.ray_session`). With
+`embedded_teacher`, the teacher server runs as a child process for the length of the run.
 """
 
 from __future__ import annotations
@@ -15,21 +14,17 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from curator_pipelines.config import CurateConfig
+from curator_pipelines.ray_session import ray_session
 from recipes.config import ConfigError
 from recipes.data import catalog
 
-RUN_MARKER = "NRR_CURATE_RUN"
-DRIVER_MARKER = "NRR_CURATE_DRIVER"  # the pid of the run's driver: its processes are orphans once it is gone
 RESULTS_FILE = "generations.jsonl"
 QUARANTINE_FILE = "quarantine.jsonl"
 
@@ -56,8 +51,9 @@ def resolve_paths(cfg: CurateConfig, root: Path | None = None) -> CurateConfig:
         raise ConfigError("input: set `path` (a .jsonl / .parquet file or a datasets folder) or `dataset` "
                           "(a name from `nrr data list`)")
     cfg.input = dataclasses.replace(cfg.input, path=path)
-    cfg.output = dataclasses.replace(cfg.output, dir=absolute(cfg.output.dir))
-    cfg.decontam = dataclasses.replace(cfg.decontam, benchmark_paths=[absolute(p) for p in cfg.decontam.benchmark_paths])
+    cfg.output_dir = absolute(cfg.output_dir)
+    paths = [absolute(p) for p in cfg.decontam.benchmark_paths]
+    cfg.decontam = dataclasses.replace(cfg.decontam, benchmark_paths=paths)
     cfg.generation = dataclasses.replace(cfg.generation, teacher_config=absolute(cfg.generation.teacher_config))
     return cfg
 
@@ -116,97 +112,6 @@ def embedded_teacher(cfg: CurateConfig, log_path: Path, startup_s: float = 60.0)
                 proc.wait()
 
 
-def _run_processes() -> dict[int, dict[str, str]]:
-    """pid -> the curation markers in its environment, for every process a curation run started."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        marks = {}
-        for item in env:
-            key, _, value = item.partition(b"=")
-            if key in (RUN_MARKER.encode(), DRIVER_MARKER.encode(), b"RAY_TMPDIR"):
-                marks[key.decode()] = value.decode(errors="replace")
-        if RUN_MARKER in marks:
-            found[int(entry.name)] = marks
-    return found
-
-
-def _marked_processes(marker: str) -> list[int]:
-    return [pid for pid, m in _run_processes().items() if m[RUN_MARKER] == marker]
-
-
-RAY_DIR_PREFIX = "nrr-ray-"
-
-
-def stop_orphans(stale_after_s: float = 600.0) -> int:
-    """Stop what earlier runs left behind when their driver was killed (Ray's raylet, workers), and
-    remove their Ray temp dirs once no process uses them (after a while: a run may be starting)."""
-    stopped = 0
-    processes = _run_processes()
-    for pid, marks in processes.items():
-        driver = int(marks.get(DRIVER_MARKER, "0") or 0)
-        if driver and not Path(f"/proc/{driver}").exists():
-            stopped += stop_marked_processes(marks[RUN_MARKER])
-    in_use = {m.get("RAY_TMPDIR") for m in _run_processes().values()}
-    for d in Path("/tmp").glob(f"{RAY_DIR_PREFIX}*"):
-        with contextlib.suppress(OSError):
-            if str(d) not in in_use and time.time() - d.stat().st_mtime > stale_after_s:
-                shutil.rmtree(d, ignore_errors=True)
-    return stopped
-
-
-def stop_marked_processes(marker: str, grace_s: float = 3.0) -> int:
-    """Stop the processes this run started that are still alive (Ray workers, raylet, ...)."""
-    pids = _marked_processes(marker)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _marked_processes(marker):
-        time.sleep(0.2)
-    for pid in _marked_processes(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return len(pids)
-
-
-@contextlib.contextmanager
-def ray_session(cfg: CurateConfig):
-    """Ray in its own temp dir, every process it starts marked; leftovers stopped afterwards."""
-    stop_orphans()
-    marker = uuid.uuid4().hex
-    tmp = tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp")  # short: Ray's socket paths have a length limit
-    saved = {k: os.environ.get(k) for k in (RUN_MARKER, DRIVER_MARKER, "RAY_TMPDIR")}
-    os.environ[RUN_MARKER] = marker
-    os.environ[DRIVER_MARKER] = str(os.getpid())
-    os.environ["RAY_TMPDIR"] = tmp
-    try:
-        if cfg.executor.name == "ray_data":
-            import ray
-
-            # Ray Data needs no dashboard; the executor's own ray.init then reuses this one
-            ray.init(include_dashboard=False, num_cpus=cfg.executor.num_cpus, _temp_dir=tmp,
-                     log_to_driver=False, configure_logging=False)
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            import ray
-
-            ray.shutdown()
-        stop_marked_processes(marker)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ------------------------------------------------------------------ the pipeline
 
 
@@ -222,7 +127,7 @@ def build_pipeline(cfg: CurateConfig, show_progress: bool = True):
     from curator_pipelines.select import SelectStage
     from curator_pipelines.write import WriteStage
 
-    out = Path(cfg.output.dir)
+    out = Path(cfg.output_dir)
     stages = [
         ReadProblemsStage(cfg.input, str(out / QUARANTINE_FILE)),
         GenerateStage(cfg.generation, str(out / RESULTS_FILE), show_progress),
@@ -248,11 +153,11 @@ def make_executor(cfg: CurateConfig):
 
 
 def run_curation(cfg: CurateConfig, show_progress: bool = True) -> dict:
-    """Run the whole curation; returns the report (also written to `output.dir`)."""
+    """Run the whole curation; returns the report (also written to `output_dir`)."""
     from recipes.config import save_config
 
     cfg = resolve_paths(cfg)
-    out = Path(cfg.output.dir)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     if cfg.embedded_problems.enabled:
@@ -269,7 +174,7 @@ def run_curation(cfg: CurateConfig, show_progress: bool = True) -> dict:
         if cfg.generation.source == "endpoint" and cfg.generation.embedded_teacher:
             url = stack.enter_context(embedded_teacher(cfg, out / "teacher_log.jsonl"))
             cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, base_url=url))
-        stack.enter_context(ray_session(cfg))
+        stack.enter_context(ray_session(cfg.executor))
         started = time.perf_counter()
         if cfg.generation.source == "endpoint":
             from curator_pipelines.generate import watch_progress

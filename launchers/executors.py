@@ -27,7 +27,7 @@ from launchers.profiles import (
     nproc_per_node,
     resolve_under,
 )
-from launchers.stages import StageSpec
+from recipes.stages import Stage
 
 
 @dataclass
@@ -35,7 +35,7 @@ class StageTask:
     """One stage as the pipeline sees it: the `nrr` arguments plus the pipeline glue."""
 
     name: str  # task name in the experiment (unique), e.g. "sft" or "eval_base"
-    spec: StageSpec
+    spec: Stage
     nrr_args: list[str]  # [stage, --config, X, overrides...]
     stage_dir: str | None = None
     requires: list[str] = field(default_factory=list)  # upstream stage dirs

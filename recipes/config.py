@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import difflib
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -233,14 +232,16 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-T = typing.TypeVar("T")
-
-
-def replace(cfg: T, **changes: Any) -> T:
-    return dataclasses.replace(cfg, **changes)
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
     """The arguments every config-driven stage shares: --config and key=value overrides."""
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config key")
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, or relative to the repository root (so configs work from any directory)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    in_repo = Path(__file__).resolve().parents[1] / p
+    return in_repo if in_repo.exists() else p

@@ -17,8 +17,9 @@ import subprocess
 import sys
 
 from recipes.megatron.hf_checkpoint import export_to_hf, import_from_hf, init_tiny_checkpoint
+from recipes.stages import STAGES
 
-HELP = "Convert checkpoints: HF -> Megatron (from-hf), Megatron -> HF (to-hf), random-init base (init)."
+HELP = STAGES["convert"].help
 
 # --------------------------------------------------------------------------------------------------------------
 # CLI

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recipes.config import add_config_arguments
-from recipes.config import load_config
+from recipes.config import add_config_arguments, load_config
+from recipes.stages import STAGES
 
-HELP = "Curate a long chain-of-thought corpus with a NeMo Curator pipeline (teacher, filters, dedup, decontam)."
-DEFAULT_CONFIG = "nemo_configs/curate/embedded.yaml"
+HELP = STAGES["curate"].help
+DEFAULT_CONFIG = STAGES["curate"].default_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,5 +41,5 @@ def cli(args: argparse.Namespace) -> int:
         reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items())
         print(f"{s['stage']:>18}: {s['in']:>6} -> {s['out']:>6}  {reasons}")
     print(f"corpus: {report['corpus']} records from {report['problems']} problems "
-          f"({report['pipeline_seconds']:.1f} s); report in {cfg.output.dir}/report.md")
+          f"({report['pipeline_seconds']:.1f} s); report in {cfg.output_dir}/report.md")
     return 0

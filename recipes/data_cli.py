@@ -11,8 +11,9 @@ import argparse
 import sys
 
 from recipes.data import catalog
+from recipes.stages import STAGES
 
-HELP = "List the shipped datasets (benchmarks, GSM8K train) or prepare them from a local copy or the hub."
+HELP = STAGES["data"].help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

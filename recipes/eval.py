@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from recipes.config import add_config_arguments
+from recipes.stages import STAGES
 
-HELP = "Evaluate reasoning on MATH-500, AIME24, AMC23, GSM8K, Minerva, OlympiadBench and the embedded task."
-DEFAULT_CONFIG = "nemo_configs/eval/math.yaml"
+HELP = STAGES["eval"].help
+DEFAULT_CONFIG = STAGES["eval"].default_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,16 +23,17 @@ import torch
 
 from recipes import task
 from recipes import tokenizer as tok
-from recipes.config import ConfigError, load_config, save_config
+from recipes.config import ConfigError, resolve_path, save_config
 from recipes.rl.advantages import group_advantages, informative_groups
 from recipes.rl.losses import LossConfig, policy_loss, reduce_loss
+from recipes.rl.rejection_sampling import RejectionConfig
 from recipes.rl.rewards import RewardsConfig, Sample, check_weights, score
 from recipes.rl.rollout import RolloutConfig, prompt_ids
-from recipes.sft import (CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, TrainingConfig, resolve_path,
-                         rng_state, set_rng_state)
+from recipes.stages import STAGES
+from recipes.trainer import CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, TrainingConfig, run_stage
 
-HELP = "GRPO / Dr.GRPO / DAPO with vLLM rollouts on the Megatron policy (or `grpo rejection-sample`)."
-DEFAULT_CONFIG = "nemo_configs/grpo/tiny_cpu.yaml"
+HELP = STAGES["grpo"].help
+DEFAULT_CONFIG = STAGES["grpo"].default_config
 
 
 # ------------------------------------------------------------------------------ config
@@ -71,7 +72,7 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class GRPOConfig:
-    run_dir: str = "runs/grpo"
+    output_dir: str = "runs/grpo"
     mode: str = "train"  # train | rejection_sample
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
@@ -85,15 +86,12 @@ class GRPOConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=0))
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-    rejection: dict = dataclasses.field(default_factory=lambda: {"samples_per_problem": 8, "problems_per_level": 50,
-                                                                  "out": None})
-
-
-def world_size(cfg: GRPOConfig) -> int:
-    return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+    rejection: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
 
 
 def check_config(cfg: GRPOConfig) -> None:
+    if cfg.mode not in ("train", "rejection_sample"):
+        raise ConfigError(f"mode must be 'train' or 'rejection_sample', got {cfg.mode!r}")
     g = cfg.grpo
     rows = g.prompts_per_step * g.group_size
     per_update = rows // max(g.minibatches, 1)
@@ -215,12 +213,12 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
         fresh = ~inside | batch["on_policy"] if "on_policy" in batch else ~inside
         old = torch.where(fresh, logp.detach(), batch["old_logp"])
         ref = None if batch.get("ref_logp") is None else torch.where(inside, batch["ref_logp"], logp.detach())
-        loss_sum, denom, st = policy_loss(logp, old, batch["adv"], batch["loss_mask"], cfg, ref)
+        loss_sum, denom, micro_stats = policy_loss(logp, old, batch["adv"], batch["loss_mask"], cfg, ref)
         with torch.no_grad():
             shard_logp = train_step.vocab_parallel_log_softmax(logits.detach())
             ent = -train_step.tp_sum((shard_logp.exp() * shard_logp).sum(-1))
-            st["entropy_sum"] = float((ent * batch["loss_mask"]).sum())
-        stats.append(st)
+            micro_stats["entropy_sum"] = float((ent * batch["loss_mask"]).sum())
+        stats.append(micro_stats)
         if "idle_denominator" in batch:  # rows left out of the forward pass still count in the average
             denom = denom + batch["idle_denominator"]
         return loss_sum, denom
@@ -238,9 +236,9 @@ def response_ends(loss_mask: torch.Tensor) -> list[int]:
     return ends
 
 
-def split_rows(batch: dict, rows: list[int], mbs: int, one_length: bool = False) -> list[dict]:
+def split_rows(batch: dict, rows: list[int], mbs: int, same_shape: bool = False) -> list[dict]:
     """Micro-batches of `rows`, shortest responses together, each cut to its longest row: padding to the batch's
-    longest response costs ~half the forward and backward compute when lengths vary. `one_length` cuts all to the
+    longest response costs ~half the forward and backward compute when lengths vary. `same_shape` cuts all to the
     longest of `rows` (pipeline parallelism sends one activation shape between stages). Which micro-batch a row
     lands in does not change the loss: megatron sums loss and token counts over micro-batches."""
     ends = response_ends(batch["loss_mask"][rows])
@@ -248,7 +246,7 @@ def split_rows(batch: dict, rows: list[int], mbs: int, one_length: bool = False)
     out = []
     for i in range(0, len(rows), mbs):
         part = by_length[i:i + mbs]
-        extent = max(ends) if one_length else max(ends[j] for j in part)
+        extent = max(ends) if same_shape else max(ends[j] for j in part)
         idx = [rows[j] for j in part]
         out.append({k: v[idx, :extent] if v.dim() == 2 else v[idx] for k, v in batch.items()})
     return out
@@ -272,7 +270,7 @@ def rows_to_train(batch: dict, rows: list[int], cfg: LossConfig) -> tuple[list[i
     return keep, float(reduce_loss(torch.zeros_like(mask), mask, cfg)[1])
 
 
-def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, one_length: bool = False,
+def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, same_shape: bool = False,
                   rows: list[int] | None = None) -> torch.Tensor:
     """[B, S] log p(labels) aligned with `labels`, over length-sorted micro-batches as in `split_rows` (0 past each
     micro-batch's extent and in the last column, outside every loss mask); only `rows` when given (others 0)."""
@@ -280,7 +278,7 @@ def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, one_l
 
     n, s = batch["tokens"].shape
     out = torch.zeros(n, s)
-    if one_length:  # one forward-only schedule over all rows (every micro-batch the same shape)
+    if same_shape:  # one forward-only schedule over all rows (every micro-batch the same shape)
         out[:, :-1] = train_step.logprobs_of(chunks, batch["tokens"], micro_batch_size=mbs, temperature=temperature)
         return out
     rows = list(range(n)) if rows is None else rows
@@ -366,7 +364,7 @@ def train(cfg: GRPOConfig) -> dict:
     from recipes.metrics import MetricsLogger, progress
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import make_backend
-    from recipes.sft import build_model_and_optimizer
+    from recipes.trainer import build_model_and_optimizer
 
     check_config(cfg)
     g = cfg.grpo
@@ -375,7 +373,7 @@ def train(cfg: GRPOConfig) -> dict:
     torch.set_float32_matmul_precision(cfg.training.matmul_precision)
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.training.seed)
     rank0 = runtime.rank() == 0
-    run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    run_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
     updates = g.steps * g.minibatches * g.epochs
     hf, chunks, optimizer, scheduler = build_model_and_optimizer(cfg, updates)
     if cfg.model.init_checkpoint:
@@ -388,7 +386,7 @@ def train(cfg: GRPOConfig) -> dict:
     start = 0
     if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
         start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
-        set_rng_state(extra["rng"])
+        runtime.set_rng_state(extra["rng"])
         runtime.print_rank0(f"[grpo] resumed from {ckpt_dir} at step {start}")
     if rank0:
         save_config(cfg, run_dir / "config.yaml")
@@ -407,16 +405,16 @@ def train(cfg: GRPOConfig) -> dict:
     t_run = time.time()
     done = start
     temperature = cfg.rollout.temperature  # the trainer scores the distribution the rollouts were sampled from
-    one_length = ps.get_pipeline_model_parallel_world_size() > 1
+    same_shape = ps.get_pipeline_model_parallel_world_size() > 1
     with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
         bar_task = bar.add_task("grpo", total=g.steps, completed=start, info="")
         for step in range(start, g.steps):
             # 1. rollouts on rank 0, shared with every rank
             t0 = time.time()
-            box = [sample_step(backend, sampler, cfg, step) if rank0 else None]
+            sampled = [sample_step(backend, sampler, cfg, step) if rank0 else None]
             if runtime.world_size() > 1:
-                torch.distributed.broadcast_object_list(box, src=0)
-            groups, sample_stats = box[0]
+                torch.distributed.broadcast_object_list(sampled, src=0)
+            groups, sample_stats = sampled[0]
             t_gen = time.time() - t0
 
             # 2. behaviour (and reference) log-probs, recomputed by the trainer
@@ -429,15 +427,15 @@ def train(cfg: GRPOConfig) -> dict:
             shares = [[order[k * per_update:(k + 1) * per_update][dp_rank::dp] for k in range(g.minibatches)]
                       for order in orders]
             # which rows each update trains: with pipeline parallelism all of them (micro-batches keep one shape)
-            updates = [[(rows, 0.0) if one_length else rows_to_train(batch, rows, cfg.loss) for rows in per_epoch]
+            updates = [[(rows, 0.0) if same_shape else rows_to_train(batch, rows, cfg.loss) for rows in per_epoch]
                        for per_epoch in shares]
             # the first update scores its rows in its own forward pass (the weights have not moved yet); the
             # others need them from before the first update
             later = sorted({r for e, per_epoch in enumerate(updates) for k, (rows, _) in enumerate(per_epoch)
                             if (e, k) != (0, 0) for r in rows})
-            batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, one_length, later)
+            batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, same_shape, later)
             if ref_chunks is not None:
-                batch["ref_logp"] = full_logprobs(ref_chunks, batch, g.micro_batch_size, temperature, one_length)
+                batch["ref_logp"] = full_logprobs(ref_chunks, batch, g.micro_batch_size, temperature, same_shape)
 
             # 3. several clipped updates: minibatches x epochs, each split over DP ranks and micro-batches
             loss_stats: list = []
@@ -446,9 +444,9 @@ def train(cfg: GRPOConfig) -> dict:
             for epoch in range(g.epochs):
                 for k in range(g.minibatches):
                     mine, idle_denominator = updates[epoch][k]
-                    micro = split_rows(batch, mine, g.micro_batch_size, one_length)
+                    micro = split_rows(batch, mine, g.micro_batch_size, same_shape)
                     micro[0]["idle_denominator"] = torch.tensor(idle_denominator)
-                    if (epoch, k) == (0, 0) and not one_length:
+                    if (epoch, k) == (0, 0) and not same_shape:
                         for m in micro:
                             m["on_policy"] = torch.tensor(True)
                     reports.append(train_step.optimizer_step(chunks, optimizer, micro,
@@ -470,7 +468,7 @@ def train(cfg: GRPOConfig) -> dict:
                 logger.log(done, heldout_accuracy(backend, cfg.eval, cfg.rollout.max_tokens), prefix="eval/")
             if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < g.steps:
                 checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
-                                              extra={"rng": rng_state(), "prompt_step": done},
+                                              extra={"rng": runtime.rng_state(), "prompt_step": done},
                                               keep_last=cfg.checkpoint.keep_last)
             if g.max_minutes and _out_of_time(t_run, g.max_minutes):
                 runtime.print_rank0(f"[grpo] time budget of {g.max_minutes} min reached after step {done}")
@@ -478,7 +476,7 @@ def train(cfg: GRPOConfig) -> dict:
     summary.update(train_seconds=round(time.time() - t_run, 1), steps_done=done)
     if done > start or checkpointing.latest_step(ckpt_dir) != done:
         checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
-                                      extra={"rng": rng_state(), "prompt_step": done},
+                                      extra={"rng": runtime.rng_state(), "prompt_step": done},
                                       keep_last=cfg.checkpoint.keep_last)
     if rank0:
         summary["eval_after"] = heldout_accuracy(backend, cfg.eval, cfg.rollout.max_tokens)
@@ -505,12 +503,12 @@ def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: li
     rewards = torch.tensor([r for gr in groups for r in gr.rewards])
     lengths = torch.tensor([float(len(r)) for gr in groups for r in gr.responses])
     truncated = torch.tensor([float(t) for gr in groups for t in gr.truncated])
-    tokens = sum(st["tokens"] for st in loss_stats) or 1.0
+    tokens = sum(s["tokens"] for s in loss_stats) or 1.0
     m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
          "response_len/mean": float(lengths.mean()), "response_len/clipped_share": float(truncated.mean()),
-         "clip_fraction": sum(st["clipped_tokens"] for st in loss_stats) / tokens,
-         "kl": sum(st["kl_sum"] for st in loss_stats) / tokens,
-         "entropy": sum(st["entropy_sum"] for st in loss_stats) / tokens,
+         "clip_fraction": sum(s["clipped_tokens"] for s in loss_stats) / tokens,
+         "kl": sum(s["kl_sum"] for s in loss_stats) / tokens,
+         "entropy": sum(s["entropy_sum"] for s in loss_stats) / tokens,
          "loss": sum(r["loss"] for r in reports) / len(reports),
          "grad_norm": sum(r["grad_norm"] for r in reports) / len(reports), "lr": reports[-1]["lr"],
          "advantage/abs_mean": float(batch["adv"].abs().mean()), **sample_stats}
@@ -539,26 +537,20 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
-    import os
-
-    from recipes.sft import launch
-
     overrides = list(args.overrides)
     if overrides[:1] == ["rejection-sample"]:
         overrides = overrides[1:] + ["mode=rejection_sample"]
-    cfg = load_config(GRPOConfig, resolve_path(args.config) if args.config else None, overrides)
-    check_config(cfg)
+    return run_stage("recipes.grpo", GRPOConfig, args.config, overrides, check_config, run,
+                     distributed=lambda cfg: cfg.mode == "train")  # rejection sampling runs in one process
+
+
+def run(cfg: GRPOConfig) -> None:
     if cfg.mode == "rejection_sample":
         from recipes.rl.rejection_sampling import run as rejection_sample
 
         rejection_sample(cfg)
-        return 0
-    if cfg.mode != "train":
-        raise ConfigError(f"mode must be 'train' or 'rejection_sample', got {cfg.mode!r}")
-    if world_size(cfg) > 1 and "RANK" not in os.environ:
-        return launch("recipes.grpo", world_size(cfg), cfg.parallel.nodes, args.config, overrides)
-    train(cfg)
-    return 0
+    else:
+        train(cfg)
 
 
 def _main() -> int:

@@ -2,7 +2,7 @@
 
     nrr kd --config nemo_configs/kd/tiny_cpu.yaml kd.kind=reverse kd.top_k=16
 
-Same data, optimizer, schedule, checkpoints and export as `recipes.sft` (imported, not copied); only
+Same data, optimizer, schedule, checkpoints and export as SFT (the shared `recipes.trainer`); only
 the loss differs. Per loss token, with temperature T, p = softmax(teacher / T), q = softmax(student / T):
 
     forward KL  = sum_v p_v (log p_v - log q_v)      (mode covering: the student spreads over the teacher's support)
@@ -19,17 +19,17 @@ vocab shards (no gather) unless top_k needs the whole row.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Literal
 
 import torch
 
-from recipes.config import ConfigError, load_config
-from recipes.sft import SFTConfig, check_config, launch, quiet_cpu_warnings, resolve_path, train, world_size
+from recipes.config import ConfigError, resolve_path
+from recipes.stages import STAGES
+from recipes.trainer import SFTConfig, check_config, run_stage, train
 
-HELP = "Logit knowledge distillation (forward/reverse KL, top-k, temperature) from a teacher checkpoint."
-DEFAULT_CONFIG = "nemo_configs/kd/tiny_cpu.yaml"
+HELP = STAGES["kd"].help
+DEFAULT_CONFIG = STAGES["kd"].default_config
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ class KDLossConfig:
 
 @dataclasses.dataclass
 class KDConfig(SFTConfig):
-    run_dir: str = "runs/kd"
+    output_dir: str = "runs/kd"
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     kd: KDLossConfig = dataclasses.field(default_factory=KDLossConfig)
 
@@ -141,7 +141,7 @@ class Teacher:
     def build(self) -> None:
         from recipes.megatron.hf_checkpoint import load_pretrained
         from recipes.megatron import providers
-        from recipes.sft import model_dtype
+        from recipes.trainer import model_dtype
 
         t_hf = providers.load_hf_config(resolve_path(self.cfg.teacher.hf_config))
         s_hf = providers.load_hf_config(resolve_path(self.cfg.model.hf_config))
@@ -213,13 +213,7 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
-    quiet_cpu_warnings()
-    cfg = load_config(KDConfig, resolve_path(args.config) if args.config else None, args.overrides)
-    check_kd_config(cfg)
-    if world_size(cfg) > 1 and "RANK" not in os.environ:
-        return launch("recipes.kd", world_size(cfg), cfg.parallel.nodes, args.config, args.overrides)
-    distill(cfg)
-    return 0
+    return run_stage("recipes.kd", KDConfig, args.config, args.overrides, check_kd_config, distill)
 
 
 def _main() -> int:

@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 
 from recipes.data.sft_dataset import DataConfig
-from recipes.sft import (CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, SFTConfig, TrainingConfig,
-                         ValidationConfig, resolve_batch)
+from recipes.trainer import (CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, SFTConfig,
+                             TrainingConfig, ValidationConfig, resolve_batch)
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "models"
 GIB = 1024**3
@@ -39,7 +39,7 @@ def _sft_config(name: str, run_name: str, nodes: int, gpus_per_node: int, tp: in
     step = micro_batch_size * parallel.dp
     gbs = max(step, math.ceil(global_batch_size / step) * step)  # keep the batch a multiple of mbs*dp
     cfg = SFTConfig(
-        run_dir=f"runs/{run_name}",
+        output_dir=f"runs/{run_name}",
         model=ModelConfig(hf_config=f"recipes/assets/models/{name}/config.json"),
         data=DataConfig(train_path=train_path, seq_length=seq_length, packing=True, on_bad_record="skip"),
         parallel=parallel,
@@ -126,7 +126,7 @@ def estimate_memory(cfg: SFTConfig) -> dict[str, float]:
     plus the fp32 logits and their softmax on the last stage.
     """
     from recipes.megatron.providers import load_hf_config
-    from recipes.sft import resolve_path
+    from recipes.config import resolve_path
 
     hf = load_hf_config(resolve_path(cfg.model.hf_config))
     p = cfg.parallel

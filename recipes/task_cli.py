@@ -7,8 +7,9 @@ import json
 import sys
 
 from recipes import task
+from recipes.stages import STAGES
 
-HELP = "Show or export problems of the embedded arithmetic reasoning task."
+HELP = STAGES["task"].help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
-"""`recipes.bench_curate`: filter throughput and the grader's fast path against math-verify alone."""
+"""`recipes.bench.curate`: filter throughput and the grader's fast path against math-verify alone."""
 
-from recipes.bench_curate import bench_curate
+from recipes.bench.curate import bench_curate
 
 
 def test_bench_curate_reports_filter_speed_and_grader_speedup_with_identical_verdicts():

@@ -23,7 +23,7 @@ STAGES = ["read", "generate", "parse", "truncation", "format", "correctness", "l
 
 def _cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "recipes.cli", "curate", "--no-progress",
-            f"output.dir={out}", f"input.path={out}/problems.jsonl",
+            f"output_dir={out}", f"input.path={out}/problems.jsonl",
             f"embedded_problems.n_per_level={N_PER_LEVEL}", *extra]
 
 

@@ -331,7 +331,7 @@ def test_nrr_curate_names_file_and_line_of_a_bad_record(tmp_path):
     r = subprocess.run([sys.executable, "-m", "recipes.cli", "curate", "--config", "nemo_configs/curate/gsm8k_sft.yaml",
                         f"input.path={bad}", "input.dataset=null", "input.id_field=id", "input.problem_field=problem",
                         "input.answer_field=answer", "input.answer_regex=null", "input.solution_field=null",
-                        f"output.dir={tmp_path / 'out'}"],
+                        f"output_dir={tmp_path / 'out'}"],
                        cwd=root, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
     assert r.returncode == 1
     assert f"{bad}:2: missing field 'answer'" in r.stderr

@@ -60,7 +60,7 @@ def test_curate_against_a_vllm_cpu_server(tmp_path):
         out = tmp_path / "curate"
         r = subprocess.run(
             [sys.executable, "-m", "recipes.cli", "curate", "--config", "nemo_configs/curate/vllm_cpu.yaml",
-             "--no-progress", f"output.dir={out}", f"input.path={out}/problems.jsonl",
+             "--no-progress", f"output_dir={out}", f"input.path={out}/problems.jsonl",
              f"generation.base_url=http://127.0.0.1:{port}/v1", f"generation.model={model}"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stderr[-4000:]

@@ -127,7 +127,7 @@ def test_configs_resolve_datasets_through_one_data_root(tmp_path, monkeypatch):
         resolve_paths(load_config(CurateConfig, ROOT / "nemo_configs/curate/gsm8k_sft.yaml",
                                   ["input.path=other.jsonl"]), ROOT)
     with pytest.raises(ConfigError, match="set `path`"):
-        resolve_paths(load_config(CurateConfig, None, ["output.dir=x"]), ROOT)
+        resolve_paths(load_config(CurateConfig, None, ["output_dir=x"]), ROOT)
 
 
 def test_nothing_reads_outside_the_repository():

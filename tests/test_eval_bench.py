@@ -1,6 +1,6 @@
 """`nrr bench eval`: grading throughput and the fast-path hit rate on real benchmark answers."""
 
-from recipes.bench_eval import bench_eval
+from recipes.bench.eval import bench_eval
 
 
 def test_bench_eval_reports_throughput_and_fast_path_rate():

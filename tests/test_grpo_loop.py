@@ -92,7 +92,7 @@ def test_rejection_sampling_keeps_verified_distinct_responses():
 
 def _grpo(run_dir, *overrides):
     # random init: length and language rewards still differ inside a group, so updates are real
-    args = [f"run_dir={run_dir}", "model.init_checkpoint=null", "grpo.prompts_per_step=4", "grpo.group_size=4",
+    args = [f"output_dir={run_dir}", "model.init_checkpoint=null", "grpo.prompts_per_step=4", "grpo.group_size=4",
             "grpo.micro_batch_size=8", "grpo.minibatches=2", "rollout.max_tokens=24",
             "loss.max_response_tokens=24", "rewards.weights={language: 1.0, overlong: 1.0, accuracy: 1.0}",
             "rewards.overlong_max_tokens=24", "rewards.overlong_cache_tokens=12", "eval.per_level=4",

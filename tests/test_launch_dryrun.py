@@ -55,7 +55,7 @@ def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
     assert "--nnodes 4 --nproc-per-node 8 --node-rank $SLURM_NODEID" in srun
     assert srun.endswith("-m launchers.entry --stage-dir /lustre/nrr/runs/launch/sft -- sft "
                          "--config /opt/nrr/nemo_configs/sft/tiny_cpu.yaml train.max_steps=50 "
-                         "run_dir=/lustre/nrr/runs/launch/sft")  # outputs land in the stage's folder
+                         "output_dir=/lustre/nrr/runs/launch/sft")  # outputs land in the stage's folder
     assert 'head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)' in script
     assert "export NCCL_DEBUG=WARN" in script
     assert SENTINEL not in out + proc.stderr
@@ -69,7 +69,7 @@ def test_local_dryrun_uses_torchrun_for_megatron_stages(nemorun_home, capsys):
     assert rc == 0
     cmd = out.splitlines()[out.splitlines().index("# ---- grpo (command) ----") + 1]
     assert cmd.startswith("torchrun ") and "--nproc-per-node 2" in cmd and "--nnodes 1" in cmd
-    assert cmd.endswith(f"-- grpo --config {ROOT}/nemo_configs/grpo/tiny_cpu.yaml run_dir={ROOT}/runs/launch/grpo")
+    assert cmd.endswith(f"-- grpo --config {ROOT}/nemo_configs/grpo/tiny_cpu.yaml output_dir={ROOT}/runs/launch/grpo")
     rc = main(["launch", "eval", "--dryrun", f"executor.nemorun_home={nemorun_home}"])
     out = capsys.readouterr().out
     assert out.splitlines()[out.splitlines().index("# ---- eval (command) ----") + 1].startswith(
@@ -91,7 +91,7 @@ def test_pipeline_wires_outputs_to_inputs():
     tasks = {t.name: t for t in plan(cfg, load_profile("local"))}
     assert list(tasks) == ["curate", "eval_base", "sft", "grpo", "export", "eval"]
     assert tasks["curate"].requires == [] and tasks["eval_base"].requires == []
-    assert "output.dir=/runs/x/curate" in tasks["curate"].nrr_args
+    assert "output_dir=/runs/x/curate" in tasks["curate"].nrr_args
     # the base evaluation shares the cores with curation: one thread, idle threads asleep
     assert tasks["eval_base"].env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     assert tasks["sft"].requires == ["/runs/x/curate"] and tasks["sft"].env == {}

@@ -121,14 +121,14 @@ def test_grpo_length_sorted_micro_batches_match_one_padded_batch():
         # very different response lengths
         chunks, batch = model_and_batch(5, 0, [([3, 30, 7, 12], [1.0, 0.0, 0.0, 1.0]),
                                                ([25, 2, 16, 9], [1.0, 0.0, 0.0, 1.0])])
-        one = full_logprobs(chunks, batch, mbs=8, one_length=True)
+        one = full_logprobs(chunks, batch, mbs=8, same_shape=True)
         sorted_lp = full_logprobs(chunks, batch, mbs=2)
         inside = batch["loss_mask"] > 0
         print("LOGP", float((one - sorted_lp)[inside].abs().max()), float(one[inside].abs().mean()))
         batch["old_logp"] = one
         cfg = LossConfig(variant="grpo", kl_coef=0.0)
         grads = {}
-        for name, micro in (("padded", split_rows(batch, list(range(8)), 8, one_length=True)),
+        for name, micro in (("padded", split_rows(batch, list(range(8)), 8, same_shape=True)),
                             ("sorted", split_rows(batch, list(range(8)), 2))):
             # the loss at temperature 0.7 against log-probs at 1.0: ratios away from 1, so the clip takes part
             rep, grads[name] = grad_after(chunks, micro, make_loss_fn(cfg, [], temperature=0.7))

@@ -6,7 +6,7 @@ import pytest
 from recipes.config import ConfigError, load_config
 from recipes.megatron.providers import load_hf_config
 from recipes.named_recipes import (NAMED_RECIPES, estimate_memory, llama31_8b_sft, param_counts, qwen25_7b_sft)
-from recipes.sft import SFTConfig, resolve_batch, resolve_path
+from recipes.trainer import SFTConfig, resolve_batch, resolve_path
 
 GIB = 1024**3
 

@@ -47,7 +47,7 @@ def _weights(run_dir):
 @pytest.fixture(scope="module")
 def tp1_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sft") / "tp1"
-    _run([PY, SCRIPTS / "run_sft.py", f"run_dir={run}", *TINY])
+    _run([PY, SCRIPTS / "run_sft.py", f"output_dir={run}", *TINY])
     return run
 
 
@@ -66,7 +66,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, tp1
     run = tmp_path / "killed"
     run.mkdir()
     with open(run / "killed.log", "w") as log:
-        proc = subprocess.Popen([PY, SCRIPTS / "run_sft.py", "--kill-before-step", "3", f"run_dir={run}", *TINY],
+        proc = subprocess.Popen([PY, SCRIPTS / "run_sft.py", "--kill-before-step", "3", f"output_dir={run}", *TINY],
                                 cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         rc = proc.wait(timeout=180)
         # megatron's checkpoint writer leaves a multiprocessing manager behind a SIGKILLed parent, as any
@@ -75,7 +75,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, tp1
     assert rc == -9, (run / "killed.log").read_text()[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "2"  # step 3 ran but was never saved
     assert not (run / "hf").exists()
-    _run([PY, SCRIPTS / "run_sft.py", f"run_dir={run}", *TINY])
+    _run([PY, SCRIPTS / "run_sft.py", f"output_dir={run}", *TINY])
     assert json.loads((run / "summary.json").read_text())["start_step"] == 2
     a, b = _weights(tp1_run), _weights(run)
     assert a.keys() == b.keys()
@@ -88,7 +88,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, tp1
 @pytest.mark.slow
 def test_two_process_tp2_run_matches_tp1(tmp_path, tp1_run):
     run = tmp_path / "tp2"
-    _run([PY, "-m", "recipes.cli", "sft", f"run_dir={run}", "parallel.tp=2", *TINY], timeout=300)
+    _run([PY, "-m", "recipes.cli", "sft", f"output_dir={run}", "parallel.tp=2", *TINY], timeout=300)
     tp1, tp2 = _losses(tp1_run), _losses(run)
     assert sorted(tp2) == list(range(1, 7))
     assert abs(tp1[1] - tp2[1]) < 1e-5  # same init, same batch
@@ -105,7 +105,7 @@ def test_logit_kd_runs_end_to_end(tmp_path, tp1_run):
           *TINY, "training.max_steps=3", "export_hf=false", "kd.kd_weight=1.0"]
     # the teacher distilled into a copy of itself: KL is zero, the CE is the teacher's own
     self_run = tmp_path / "self"
-    _run([PY, *kd, f"run_dir={self_run}", "model.hf_config=recipes/assets/models/tiny-qwen2/config.json",
+    _run([PY, *kd, f"output_dir={self_run}", "model.hf_config=recipes/assets/models/tiny-qwen2/config.json",
           f"model.init_checkpoint={teacher}", "kd.temperature=2.0"])
     rows = [json.loads(line) for line in (self_run / "metrics.jsonl").read_text().splitlines()]
     assert abs(rows[0]["kd"]) < 1e-6 and rows[0]["ce"] > 0
@@ -114,7 +114,7 @@ def test_logit_kd_runs_end_to_end(tmp_path, tp1_run):
     runs = {}
     for tp in (1, 2):
         runs[tp] = tmp_path / f"fresh-tp{tp}"
-        _run([PY, *kd, f"run_dir={runs[tp]}", "kd.kind=mix", "training.max_steps=6", f"parallel.tp={tp}"],
+        _run([PY, *kd, f"output_dir={runs[tp]}", "kd.kind=mix", "training.max_steps=6", f"parallel.tp={tp}"],
              timeout=300)
     tp1, tp2 = ([json.loads(line) for line in (runs[tp] / "metrics.jsonl").read_text().splitlines()
                  if '"kd"' in line] for tp in (1, 2))

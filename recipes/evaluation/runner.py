@@ -16,7 +16,7 @@ from pathlib import Path
 from recipes import grader
 from recipes.chat_template import render_prompt, split_response
 from recipes.config import save_config
-from recipes.evaluation import backends as B
+from recipes.evaluation import backends
 from recipes.evaluation.benchmarks import default_instruction, load_benchmark
 from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig
 from recipes.evaluation.metrics import reflection_count, summarize
@@ -51,18 +51,19 @@ def resolve_model(model: str, output_dir: Path, init_seed: int = 1234) -> str:
 def make_backend(cfg: EvalConfig, model_dir: str):
     g = cfg.generation
     if g.backend == "hf":
-        return B.HFBackend(model_dir, dtype=g.dtype, batch_size=max(g.batch_size, g.k))
+        return backends.HFBackend(model_dir, dtype=g.dtype, batch_size=max(g.batch_size, g.k))
     if g.backend == "vllm":
-        return B.VLLMBackend(model_dir, dtype=g.dtype, max_model_len=g.max_model_len, seed=g.seed)
+        return backends.VLLMBackend(model_dir, dtype=g.dtype, max_model_len=g.max_model_len, seed=g.seed)
     if g.backend == "openai":
         if not g.base_url:
             raise ValueError("generation.base_url is required for the openai backend")
         tok_dir = cfg.model if Path(cfg.model).is_dir() else None
-        return B.OpenAIBackend(g.base_url, cfg.model, g.api_key_env, g.max_concurrency, g.request_timeout, tok_dir)
+        return backends.OpenAIBackend(g.base_url, cfg.model, g.api_key_env, g.max_concurrency, g.request_timeout,
+                                      tok_dir)
     raise ValueError(f"unknown backend '{g.backend}'")
 
 
-def build_record(problem: dict, sample_idx: int, comp: B.Completion, g: GenerationConfig, count_tokens,
+def build_record(problem: dict, sample_idx: int, comp: backends.Completion, g: GenerationConfig, count_tokens,
                  grade_timeout: float) -> dict:
     result = grader.grade_response(comp.text, problem["answer"], timeout=grade_timeout)
     thinking, _, closed = split_response(comp.text)
@@ -119,7 +120,7 @@ class BackendPool:
 
     def get(self, model_dir: str):
         if self.backend is not None and model_dir != self.model_dir:
-            if isinstance(self.backend, B.VLLMBackend) and self.backend.swaps_weights(self.model_dir, model_dir):
+            if isinstance(self.backend, backends.VLLMBackend) and self.backend.swaps_weights(self.model_dir, model_dir):
                 self.backend.load_weights(model_dir)
             else:
                 self.close()
@@ -164,7 +165,8 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     g = cfg.generation
-    params = B.SamplingParams(n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=g.seed)
+    params = backends.SamplingParams(n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
+                                     seed=g.seed)
     if not cfg.benchmarks:
         raise ValueError("no benchmarks configured (benchmarks: [{name: math500, limit: 50}, ...])")
     labels = [_label(b) for b in cfg.benchmarks]

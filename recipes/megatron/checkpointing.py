@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from recipes.megatron import providers
+from recipes.megatron.runtime import barrier
 
 _ITER = re.compile(r"^iter_(\d{7,})$")
 LATEST = "latest"
@@ -71,11 +72,6 @@ def read_hf_config(ckpt_dir) -> dict:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -134,14 +130,14 @@ def save_checkpoint(ckpt_dir, step: int, model_chunks: list, optimizer=None, sch
         tmp.mkdir()
         if hf is not None:
             write_self_description(root, hf, tokenizer_dir)
-    _barrier()
+    barrier()
     sd = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
     dist_checkpointing.save(sd, str(tmp))
     if _rank() == 0:
         state = {"step": int(step), "extra": extra or {},
                  "scheduler": scheduler.state_dict() if scheduler is not None else None}
         torch.save(state, tmp / TRAINER_STATE)
-    _barrier()
+    barrier()
     if _rank() == 0:
         if final.exists():  # re-saving a step: replace it
             shutil.rmtree(final)
@@ -151,7 +147,7 @@ def save_checkpoint(ckpt_dir, step: int, model_chunks: list, optimizer=None, sch
             for old in saved_steps(root)[:-keep_last]:
                 if old != step:
                     shutil.rmtree(step_dir(root, old), ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

@@ -26,9 +26,15 @@ from datetime import timedelta
 import torch
 from torch.overrides import TorchFunctionMode
 
-# megatron-core announces its pure-PyTorch fallbacks on every import; they are the expected path on CPU
-for _msg in ("Apex is not installed", "Transformer Engine and Apex are not installed", "full scope is deprecated"):
-    warnings.filterwarnings("ignore", message=f".*{_msg}.*")
+
+def quiet_cpu_warnings() -> None:
+    """megatron-core announces its pure-PyTorch fallbacks (no Apex, no Transformer Engine) on every import: on CPU
+    they are the expected path."""
+    for pattern in (r".*(Apex|Transformer Engine).*", r".*full scope is deprecated.*", r".*cuda_graph_scope.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+quiet_cpu_warnings()
 
 _STATE = {"initialized": False, "owns_process_group": False, "cpu_layer": None}
 
@@ -189,6 +195,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def print_rank0(*args, **kwargs) -> None:
     if rank() == 0:
         print(*args, **kwargs, flush=True)
@@ -299,23 +311,6 @@ def destroy_distributed() -> None:
         torch.distributed.destroy_process_group()
         _STATE["owns_process_group"] = False
     _STATE["initialized"] = False
-
-
-def cpu_device_layer():
-    """Context manager that switches the CPU device layer on for a block (tools that skip `init_distributed`)."""
-
-    @contextlib.contextmanager
-    def _ctx():
-        already = _STATE["cpu_layer"] is not None
-        if is_cpu():
-            _enable_cpu_layer()
-        try:
-            yield
-        finally:
-            if not already:
-                _disable_cpu_layer()
-
-    return _ctx()
 
 
 def torchrun_main(prog: str, help_text: str, add_arguments, cli) -> int:

@@ -8,8 +8,19 @@ Each record: {id, level, problem, answer, source, teacher, messages: [user, assi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+
+@dataclasses.dataclass
+class RejectionConfig:
+    """`rejection:` of a GRPO config, read in `mode: rejection_sample`."""
+
+    samples_per_problem: int = 8
+    problems_per_level: int = 50  # train problems of each of prompts.levels
+    max_keep_per_problem: int = 2  # distinct correct responses kept per problem
+    out: str | None = None  # the JSONL written (default: <output_dir>/rejection_sampled.jsonl)
 
 
 def select_correct(problem: dict, responses: list[str], max_keep: int | None = None) -> list[str]:
@@ -43,30 +54,29 @@ def run(cfg) -> dict:
     from recipes.megatron import providers, runtime
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import make_backend, prompt_ids
-    from recipes.sft import resolve_path
+    from recipes.config import resolve_path
 
-    opts = {"samples_per_problem": 8, "problems_per_level": 50, "out": None, "max_keep_per_problem": 2,
-            **cfg.rejection}
+    opts = cfg.rejection
     runtime.init_distributed(1, 1, seed=cfg.training.seed)
     hf = providers.load_hf_config(resolve_path(cfg.model.hf_config))
     chunks = providers.build_model(hf, 1, 1, seed=cfg.training.seed, ddp=False)
     if cfg.model.init_checkpoint:
         load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.output_dir)
     backend = make_backend(cfg.rollout, write_engine_dir(hf, run_dir / "engine"),
                            max_model_len=int(hf.get("max_position_embeddings", 512)), seed=cfg.training.seed)
     refit(backend, chunks, hf)
-    problems = task.train_problems(cfg.prompts.levels, int(opts["problems_per_level"]), seed=cfg.prompts.seed + 7)
-    n = int(opts["samples_per_problem"])
+    problems = task.train_problems(cfg.prompts.levels, opts.problems_per_level, seed=cfg.prompts.seed + 7)
+    n = opts.samples_per_problem
     outs = backend.generate([prompt_ids(p) for p in problems], n=n, seed=cfg.training.seed)
     provenance = {"policy": str(cfg.model.init_checkpoint or "random-init"), "samples_per_problem": n,
                   "temperature": cfg.rollout.temperature, "seed": cfg.training.seed}
     records, solved = [], 0
     for p, comps in zip(problems, outs):
-        kept = select_correct(p.to_dict(), [c.text for c in comps], int(opts["max_keep_per_problem"]))
+        kept = select_correct(p.to_dict(), [c.text for c in comps], opts.max_keep_per_problem)
         solved += bool(kept)
         records += [to_record(p.to_dict(), text, k, provenance) for k, text in enumerate(kept)]
-    out = Path(opts["out"] or run_dir / "rejection_sampled.jsonl")
+    out = Path(opts.out or run_dir / "rejection_sampled.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     summary = {"problems": len(problems), "solved": solved, "records": len(records), "out": str(out),

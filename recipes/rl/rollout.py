@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import time
 from pathlib import Path
 from typing import Iterable, Literal, Protocol
 
@@ -36,8 +35,7 @@ class RolloutConfig:
     max_tokens: int = 128  # response budget (the overlong penalty and Dr.GRPO use the same number)
     kv_cache_mb: int = 256  # vLLM on CPU reserves this much for the KV cache
     enforce_eager: bool = True  # skip torch.compile: a minutes-long run does not earn back the compile time
-    # torch threads while the in-process engine decodes on CPU (training keeps its own); 0 keeps the trainer's.
-    # The tiny demo policy decoded 16 x 8 rollouts in 1.98 s a step on one thread and 1.92 s on two.
+    # torch threads while the in-process engine decodes on CPU (training keeps its own); 0 keeps the trainer's
     cpu_threads: int = 0
 
 
@@ -225,9 +223,3 @@ def make_backend(cfg: RolloutConfig, hf_dir: str | Path, max_model_len: int = 51
     if cfg.backend == "hf":
         return HFGenerator(hf_dir, cfg)
     raise ValueError(f"rollout.backend must be 'vllm' or 'hf', got {cfg.backend!r}")
-
-
-def timed_refit(backend: RolloutBackend, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
-    start = time.perf_counter()
-    backend.load_weights(weights)
-    return time.perf_counter() - start

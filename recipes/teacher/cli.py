@@ -15,9 +15,10 @@ import time
 
 from recipes.config import add_config_arguments
 from recipes.config import load_config
+from recipes.stages import STAGES
 
-HELP = "Serve the embedded teacher (OpenAI-compatible) with configurable defects and faults."
-DEFAULT_CONFIG = "nemo_configs/teacher/embedded.yaml"
+HELP = STAGES["teacher"].help
+DEFAULT_CONFIG = STAGES["teacher"].default_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ def main() -> None:
     for seed in args.seeds:
         run_dir = out / f"seed{seed}"
         cmd = [sys.executable, "-m", "recipes.grpo", "--config", "nemo_configs/grpo/tiny_cpu.yaml",
-               f"run_dir={run_dir}", f"model.init_checkpoint={args.checkpoint}", f"training.seed={seed}",
+               f"output_dir={run_dir}", f"model.init_checkpoint={args.checkpoint}", f"training.seed={seed}",
                f"prompts.seed={seed + 1}", f"grpo.max_minutes={args.minutes}", "grpo.steps=1000", "logging.progress=false",
                "checkpoint.every_steps=0", "checkpoint.resume=false", "eval.every_steps=0", *args.overrides]
         # one process with both cores: OpenMP's default wait policy (idle threads spin) is the faster one

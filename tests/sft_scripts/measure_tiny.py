@@ -20,19 +20,20 @@ def main() -> None:
     from recipes.evaluation import evaluate_model
     from recipes.megatron import checkpointing, runtime
     from recipes.metrics import read_metrics
-    from recipes.sft import DEFAULT_CONFIG, SFTConfig, resolve_path, train
+    from recipes.sft import DEFAULT_CONFIG
+    from recipes.trainer import SFTConfig, resolve_path, train
 
     cfg = load_config(SFTConfig, resolve_path(DEFAULT_CONFIG), ["logging.progress=false", *overrides])
     t0 = time.time()
     summary = train(cfg)
     wall = time.time() - t0
-    rows = read_metrics(cfg.run_dir)
+    rows = read_metrics(cfg.output_dir)
     step_time = {r["step"]: r["time"] for r in rows if "loss" in r}
     start = min(step_time.values()) if step_time else t0
-    ckpt = Path(cfg.run_dir) / "checkpoints"
+    ckpt = Path(cfg.output_dir) / "checkpoints"
     evals = []
     for step in checkpointing.saved_steps(ckpt):
-        hf = export_to_hf(ckpt, Path(cfg.run_dir) / f"hf-{step}", step=step)
+        hf = export_to_hf(ckpt, Path(cfg.output_dir) / f"hf-{step}", step=step)
         t = time.time()
         r = evaluate_model(str(hf), levels=[1, 2, 3, 4], n_per_level=100, backend="hf", max_tokens=128,
                            batch_size=400)

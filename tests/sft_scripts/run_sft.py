@@ -21,7 +21,8 @@ def main() -> None:
         kill_at, args = int(args[1]), args[2:]
     from recipes.config import load_config
     from recipes.megatron import runtime
-    from recipes.sft import DEFAULT_CONFIG, SFTConfig, resolve_path, train
+    from recipes.sft import DEFAULT_CONFIG
+    from recipes.trainer import SFTConfig, resolve_path, train
 
     cfg = load_config(SFTConfig, resolve_path(DEFAULT_CONFIG), ["logging.progress=false", *args])
     calls = {"step": 0}

@@ -13,7 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "Run the regression suite against golden metrics and write a pass/fail table."
+from recipes.stages import STAGES
+
+HELP = STAGES["regress"].help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +60,7 @@ def cli(args: argparse.Namespace) -> int:
 def _launch(names, goldens, runs: Path, args) -> int:
     from launchers.pipeline import PipelineConfig, StepConfig
     from launchers.experiment import split_overrides
-    from recipes.pipeline import run_pipeline
+    from launchers.pipeline_cli import run_pipeline
 
     _, executor_overrides = split_overrides(args.overrides)
     from launchers.stages import stage_spec

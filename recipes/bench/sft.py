@@ -46,7 +46,7 @@ def bench_sft(corpus: str | None = None, seq_length: int = 256, steps: int = 5, 
     from recipes.data import sft_dataset as sd
     from recipes.data.packing import useful_fraction
     from recipes.megatron import providers
-    from recipes.sft import resolve_path
+    from recipes.config import resolve_path
 
     torch.set_num_threads(2)
     hf_config = str(resolve_path(hf_config))

@@ -15,7 +15,9 @@ import argparse
 import sys
 import time
 
-HELP = "Run a stage or the whole pipeline through NeMo-Run (local, Slurm, Kubernetes)."
+from recipes.stages import STAGES
+
+HELP = STAGES["launch"].help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,9 +77,9 @@ def cli(args: argparse.Namespace) -> int:
         print("nrr launch: give a stage or 'pipeline' (or --status/--logs EXP_ID)", file=sys.stderr)
         return 2
     if args.target == "pipeline":
-        from recipes import pipeline
+        from launchers import pipeline_cli
 
-        return pipeline.run_pipeline(args.config or pipeline.DEFAULT_CONFIG, stage_overrides, args.executor,
+        return pipeline_cli.run_pipeline(args.config or pipeline_cli.DEFAULT_CONFIG, stage_overrides, args.executor,
                                      executor_overrides, dryrun=args.dryrun, detach=args.detach,
                                      only=args.only.split(",") if args.only else None)
     profile = load_profile(args.executor or "local", executor_overrides)

@@ -13,8 +13,10 @@ import argparse
 import sys
 import time
 
-HELP = "Run the whole pipeline (curate, SFT, GRPO, eval, export) as one NeMo-Run experiment."
-DEFAULT_CONFIG = "nemo_configs/pipeline/embedded.yaml"
+from recipes.stages import STAGES
+
+HELP = STAGES["pipeline"].help
+DEFAULT_CONFIG = STAGES["pipeline"].default_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,8 @@
 """GRPO benchmark: rollout tokens/s with vLLM vs the transformers fallback (same weights, same prompts),
 and where a GRPO step's time goes (generation, training, refit) in a short real run.
 
-    from recipes.bench_grpo import bench_grpo; bench_grpo()      # (`nrr bench grpo`)
-    python -m recipes.bench_grpo [SFT_CHECKPOINT]
+    from recipes.bench.grpo import bench_grpo; bench_grpo()      # (`nrr bench grpo`)
+    python -m recipes.bench.grpo [SFT_CHECKPOINT]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rollout_throughput(backend_name: str, chunks, hf: dict, engine_dir: Path, prompts: list[list[int]], n: int,
@@ -39,7 +39,7 @@ def rollout_throughput(backend_name: str, chunks, hf: dict, engine_dir: Path, pr
 
 def step_time_shares(init_checkpoint: str | None, steps: int, run_dir: Path) -> dict:
     """Run `steps` GRPO steps (vLLM rollouts) in a subprocess and split the step time by phase."""
-    args = [f"run_dir={run_dir}", f"model.init_checkpoint={init_checkpoint or 'null'}", f"grpo.steps={steps}",
+    args = [f"output_dir={run_dir}", f"model.init_checkpoint={init_checkpoint or 'null'}", f"grpo.steps={steps}",
             "eval.per_level=10", "eval.every_steps=0", "logging.progress=false", "checkpoint.every_steps=0",
             "checkpoint.resume=false"]
     # a fresh single-process run: drop the rendezvous variables this process set for itself
@@ -71,7 +71,8 @@ def bench_grpo(init_checkpoint: str | None = None, prompts: int = 16, group_size
     from recipes.rl.rollout import prompt_ids
     from recipes.megatron import providers, runtime
     from recipes.rl.refit import write_engine_dir
-    from recipes.sft import TINY_STUDENT, resolve_path
+    from recipes.config import resolve_path
+    from recipes.trainer import TINY_STUDENT
 
     out = Path(out_dir or tempfile.mkdtemp(prefix="nrr-bench-grpo-"))
     torch.set_num_threads(2)

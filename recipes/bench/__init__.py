@@ -1,6 +1,6 @@
 """`nrr bench <stage>`: speed and quality-of-implementation benchmarks, reported as ratios from one run.
 
-Each stage's benchmark lives next to its stage (`recipes/bench_<stage>.py`, a `bench_<stage>(**kwargs) -> dict`
+Each stage's benchmark is a module of this package (`recipes/bench/<stage>.py`, a `bench_<stage>(**kwargs) -> dict`
 function); this module only dispatches and prints the result as JSON (and writes it with --output).
 """
 
@@ -11,7 +11,9 @@ import importlib
 import json
 from pathlib import Path
 
-HELP = "Benchmarks: sft (packing efficiency), curate (filter speed, grader fast path), eval, grpo (rollout speed)."
+from recipes.stages import STAGES
+
+HELP = STAGES["bench"].help
 BENCHES = ("sft", "curate", "eval", "grpo")
 
 
@@ -34,7 +36,7 @@ def _parse_options(options: list[str]) -> dict:
 
 
 def cli(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"recipes.bench_{args.bench}")
+    module = importlib.import_module(f"recipes.bench.{args.bench}")
     result = getattr(module, f"bench_{args.bench}")(**_parse_options(args.options))
     text = json.dumps(result, indent=2, default=str)
     print(text)

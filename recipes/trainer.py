@@ -1,0 +1,420 @@
+"""The Megatron trainer every training stage shares: configs, model + optimizer, the loop, checkpoints, the entry.
+
+SFT trains with it as is (`recipes.sft`); logit KD plugs in its loss and teacher through the loop's hooks
+(`recipes.kd`); GRPO takes the model, optimizer, parallel, checkpoint and logging configs and builds its policy
+with `build_model_and_optimizer` (`recipes.grpo`). Stages import this module, never each other.
+
+Data flow of `train`: read the chat corpus -> tokenize with an assistant-only loss mask -> pack rows ->
+AdamW (megatron-core optimizer, warmup + cosine) over global batches -> checkpoints (model, optimizer,
+scheduler, data position, RNG) -> a Hugging Face export in `<output_dir>/hf`.
+
+`run_stage` is the one entry point: load the typed config, check it, and run in this process when
+tp*pp*dp == 1, else re-launch the stage's module under `torch.distributed.run` with tp*pp*dp processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+from recipes.config import ConfigError, load_config, resolve_path, save_config
+from recipes.data.sft_dataset import DataConfig
+
+TINY_STUDENT = "recipes/assets/models/tiny-qwen2/config.json"
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    hf_config: str = TINY_STUDENT  # HF config.json of the architecture
+    init_checkpoint: str | None = None  # Megatron checkpoint or HF folder to start from (else random init)
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1  # data-parallel replicas; world size = tp * pp * dp
+    nodes: int = 1  # processes per node = world size / nodes
+    distributed_optimizer: bool = False  # shard Adam states over DP (large models)
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    # the global batch, in rows of data.seq_length tokens: set one of the three
+    global_batch_size: int | None = 16
+    global_batch_tokens: int | None = None  # rows = tokens / seq_length
+    grad_accumulation: int | None = None  # rows = micro_batch_size * grad_accumulation * dp
+    micro_batch_size: int = 16
+    lr: float = 1.5e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    max_steps: int | None = 3000  # when both are set the smaller wins
+    epochs: float | None = None
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    threads: int | None = 2  # torch CPU threads per process (None: torch's default)
+    # float32 matmuls (torch.set_float32_matmul_precision): "high" allows TF32 on GPUs; "medium" allows bf16
+    # products with float32 sums, which CPUs with AMX run ~2x faster (attention stays at "highest" on CPU)
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+
+
+@dataclasses.dataclass
+class ValidationConfig:
+    every_steps: int = 500  # 0: never (a final validation still runs)
+    max_rows: int = 64
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 750  # 0: only the final checkpoint
+    keep_last: int = 2
+    resume: bool = True  # continue from the latest checkpoint in output_dir/checkpoints
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    every_steps: int = 10  # console line every N steps (metrics.jsonl gets every step)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    export_hf: bool = True  # write <output_dir>/hf at the end (for evaluation and vLLM)
+
+
+def world_size(cfg: SFTConfig) -> int:
+    return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+
+
+def resolve_batch(cfg: SFTConfig) -> tuple[int, int]:
+    """(global batch rows, gradient-accumulation steps), checked against micro batch and DP."""
+    t, dp, mbs = cfg.training, cfg.parallel.dp, cfg.training.micro_batch_size
+    chosen = [k for k in ("global_batch_size", "global_batch_tokens", "grad_accumulation") if getattr(t, k)]
+    if len(chosen) != 1:
+        raise ConfigError(f"training: set exactly one of global_batch_size, global_batch_tokens, grad_accumulation "
+                          f"(set: {chosen or 'none'}; null the others)")
+    if t.global_batch_tokens:
+        rows = t.global_batch_tokens // cfg.data.seq_length
+        if rows * cfg.data.seq_length != t.global_batch_tokens:
+            raise ConfigError(f"training.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+                              f"data.seq_length={cfg.data.seq_length}")
+    elif t.grad_accumulation:
+        rows = mbs * t.grad_accumulation * dp
+    else:
+        rows = t.global_batch_size
+    if rows % (mbs * dp):
+        raise ConfigError(f"training: a global batch of {rows} rows is not divisible by micro_batch_size*dp "
+                          f"= {mbs}*{dp}")
+    return rows, rows // (mbs * dp)
+
+
+def check_config(cfg: SFTConfig) -> None:
+    p = cfg.parallel
+    if min(p.tp, p.pp, p.dp, p.nodes) < 1:
+        raise ConfigError("parallel: tp, pp, dp and nodes must be >= 1")
+    if world_size(cfg) % p.nodes:
+        raise ConfigError(f"parallel: world size tp*pp*dp={world_size(cfg)} is not divisible by nodes={p.nodes}")
+    if cfg.training.max_steps is None and cfg.training.epochs is None:
+        raise ConfigError("training: set max_steps or epochs")
+    if cfg.data.think_ratio is not None and not 0.0 <= cfg.data.think_ratio <= 1.0:
+        raise ConfigError(f"data.think_ratio must be in [0, 1], got {cfg.data.think_ratio}")
+    resolve_batch(cfg)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class SFTData:
+    train_rows: list
+    valid_rows: list
+    stats: dict
+
+
+def prepare_data(cfg: SFTConfig, vocab_size: int, rank: int = 0) -> SFTData:
+    """Read (or generate) the corpus, tokenize it and pack it into rows. Every rank builds the same rows."""
+    from recipes.data import sft_dataset as sd
+    from recipes.data.packing import useful_fraction
+    from recipes.megatron.runtime import barrier as runtime_barrier
+
+    train_path, valid_path = cfg.data.train_path, cfg.data.valid_path
+    if train_path is None:
+        corpus_dir = Path(cfg.output_dir) / "corpus"
+        if rank == 0:
+            train, valid = sd.write_task_corpus(cfg.data.task, corpus_dir)
+        runtime_barrier()
+        train_path = str(corpus_dir / "train.jsonl")
+        if valid_path is None and cfg.data.task.valid_per_level > 0:
+            valid_path = str(corpus_dir / "valid.jsonl")
+    examples, stats = sd.load_examples(train_path, cfg.data, vocab_size, seed=cfg.training.seed)
+    rows = sd.build_rows(examples, cfg.data.seq_length, cfg.data.packing)
+    valid_rows = []
+    if valid_path is not None:
+        valid_examples, _ = sd.load_examples(valid_path, cfg.data, vocab_size, seed=cfg.training.seed)
+        valid_rows = sd.build_rows(valid_examples, cfg.data.seq_length, cfg.data.packing)
+    info = {**stats.to_dict(), "train_path": str(train_path), "valid_path": str(valid_path),
+            "rows": len(rows), "useful_token_fraction": round(useful_fraction(rows), 4),
+            "valid_rows": len(valid_rows)}
+    return SFTData(rows, valid_rows, info)
+
+
+# ------------------------------------------------------------------------------ model, optimizer, schedule
+
+
+def total_steps(cfg: SFTConfig, n_rows: int) -> int:
+    rows, _ = resolve_batch(cfg)
+    steps = []
+    if cfg.training.max_steps is not None:
+        steps.append(cfg.training.max_steps)
+    if cfg.training.epochs is not None:
+        steps.append(max(1, math.ceil(cfg.training.epochs * n_rows / rows)))
+    return min(steps)
+
+
+def model_dtype(cfg: SFTConfig):
+    import torch
+
+    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.training.precision]
+
+
+def build_model_and_optimizer(cfg: SFTConfig, steps: int):
+    """The student's model chunks (DDP-wrapped), megatron's AdamW and its warmup + cosine schedule."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from recipes.megatron import providers, train_step
+
+    hf = providers.load_hf_config(resolve_path(cfg.model.hf_config))
+    t = cfg.training
+    chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, seed=t.seed, dtype=model_dtype(cfg))
+    optimizer = train_step.build_optimizer(chunks, lr=t.lr, weight_decay=t.weight_decay,
+                                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, clip_grad=t.grad_clip,
+                                           min_lr=t.min_lr)
+    warmup = min(t.warmup_steps, max(steps - 1, 0))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=max(steps, warmup + 1), lr_decay_style="cosine", start_wd=t.weight_decay,
+        end_wd=t.weight_decay, wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+    return hf, chunks, optimizer, scheduler
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def evaluate(chunks, rows: list, cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None) -> dict:
+    """Token-mean loss (and the loss's own metrics) over validation rows, forward only."""
+    from megatron.core import parallel_state as ps
+
+    from recipes.data.sft_dataset import micro_batches
+    from recipes.megatron import train_step
+
+    mbs, dp = cfg.training.micro_batch_size, ps.get_data_parallel_world_size()
+    n = (min(len(rows), cfg.validation.max_rows) // (mbs * dp)) * (mbs * dp)
+    if n == 0:
+        return {}
+    import torch
+
+    batches = micro_batches(rows[:n], mbs, ps.get_data_parallel_rank(), dp)
+    if prepare_batches is not None:
+        batches = prepare_batches(batches)
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        report = train_step.forward_backward(chunks, batches, cfg.data.seq_length, forward_only=True,
+                                             loss_fn=loss_fn)
+    for c in chunks:
+        c.train()
+    return {"loss": report["loss"], **(extra_metrics() if extra_metrics is not None else {})}
+
+
+def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None, on_init=None,
+          stage: str = "sft") -> dict:
+    """Run the recipe in this process (one rank of tp*pp*dp). Returns a summary dict.
+
+    Hooks used by other recipes (logit KD): `on_init()` runs once the process groups exist and before
+    the student is built (e.g. builds a teacher); `loss_fn(logits, batch) -> (loss_sum, n_tokens)`
+    replaces the cross-entropy; `prepare_batches(micro_batches)` runs before each step (e.g. attaches
+    teacher logits); `extra_metrics()` returns and resets per-step metrics to log.
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from recipes.data.sft_dataset import RowSampler, check_vocab, micro_batches
+    from recipes.megatron import checkpointing, runtime, train_step
+    from recipes.metrics import MetricsLogger, progress
+
+    check_config(cfg)
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    torch.set_float32_matmul_precision(cfg.training.matmul_precision)
+    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.training.seed)
+    if runtime.world_size() != world_size(cfg):
+        raise ConfigError(f"parallel: tp*pp*dp = {world_size(cfg)} but {runtime.world_size()} processes run")
+    if on_init is not None:
+        on_init()
+    rank0 = runtime.rank() == 0
+    from recipes.megatron.providers import have_te
+
+    if have_te() and cfg.data.packing and cfg.training.micro_batch_size > 1:
+        raise ConfigError("with Transformer Engine packed rows run as THD, one row per micro batch: set "
+                          "training.micro_batch_size=1 (or data.packing=false)")
+    if cfg.parallel.distributed_optimizer:
+        runtime.print_rank0(f"[{stage}] note: parallel.distributed_optimizer is not wired into the engine's "
+                            "optimizer yet; Adam states stay replicated across DP")
+    run_dir = Path(cfg.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    from recipes.megatron.providers import load_hf_config
+
+    hf_path = resolve_path(cfg.model.hf_config)
+    vocab = int(load_hf_config(hf_path)["vocab_size"])
+    check_vocab(vocab, hf_path.parent if hf_path.is_file() else hf_path)
+    if cfg.model.init_checkpoint:  # a checkpoint trained with another tokenizer must not be fed ours
+        init = resolve_path(cfg.model.init_checkpoint)
+        check_vocab(vocab, init / "tokenizer" if (init / "tokenizer").is_dir() else init)
+    data = prepare_data(cfg, vocab, rank=runtime.rank())
+    rows_per_step, grad_acc = resolve_batch(cfg)
+    steps = total_steps(cfg, len(data.train_rows))
+    sampler = RowSampler(data.train_rows, rows_per_step, seed=cfg.training.seed)
+    _, chunks, optimizer, scheduler = build_model_and_optimizer(cfg, steps)
+
+    # resume from our own checkpoints, else start from an init checkpoint, else from the random init
+    start = 0
+    if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
+        start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
+        if extra.get("consumed_rows") != start * rows_per_step:
+            raise ConfigError(f"{ckpt_dir}: step {start} consumed {extra.get('consumed_rows')} rows but this config "
+                              f"gives {start * rows_per_step}: resume with the same batch settings, or set "
+                              "checkpoint.resume=false / a new output_dir")
+        runtime.set_rng_state(extra["rng"])
+        runtime.print_rank0(f"[{stage}] resumed from {ckpt_dir} at step {start}")
+    elif cfg.model.init_checkpoint:
+        from recipes.megatron.hf_checkpoint import load_pretrained
+
+        load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
+
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mbs = cfg.training.micro_batch_size
+    last_pp_first_tp = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
+    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, enabled=last_pp_first_tp)
+    if rank0:
+        runtime.print_rank0(f"[{stage}] {data.stats['examples']} examples -> {len(data.train_rows)} rows of "
+                            f"{cfg.data.seq_length} (useful tokens {data.stats['useful_token_fraction']:.1%}); "
+                            f"{steps} steps of {rows_per_step} rows (micro batch {mbs}, grad accumulation "
+                            f"{grad_acc}, dp {dp})")
+    summary: dict = {"data": data.stats, "steps": steps, "start_step": start}
+    hooks = (loss_fn, prepare_batches, extra_metrics)
+    report = {"loss": float("nan")}
+    t_start = time.time()
+    with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
+        task = bar.add_task(stage, total=steps, completed=start, info="")
+        for step in range(start, steps):
+            t0 = time.time()
+            batches = micro_batches(sampler.global_batch(step), mbs, dp_rank, dp)
+            if prepare_batches is not None:
+                batches = prepare_batches(batches)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
+            report = train_step.optimizer_step(chunks, optimizer, batches, cfg.data.seq_length, scheduler, loss_fn)
+            dt = time.time() - t0
+            done = step + 1
+            metrics = {"loss": report["loss"], "lr": lr, "grad_norm": report["grad_norm"],
+                       "tokens_per_s": rows_per_step * cfg.data.seq_length / dt,
+                       "loss_tokens": report["num_tokens"], "step_time_s": dt,
+                       "epoch": done / sampler.steps_per_epoch}
+            if extra_metrics is not None:
+                metrics.update(extra_metrics())
+            logger.log(done, metrics)
+            bar.update(task, completed=done, info=f"loss {report['loss']:.4f} lr {lr:.2e}")
+            if cfg.logging.every_steps and done % cfg.logging.every_steps == 0 and not cfg.logging.progress:
+                runtime.print_rank0(f"[{stage}] step {done}/{steps} loss {report['loss']:.4f} "
+                                    f"lr {lr:.2e} grad_norm {report['grad_norm']:.3f}")
+            if cfg.validation.every_steps and done % cfg.validation.every_steps == 0 and done < steps \
+                    and data.valid_rows:
+                logger.log(done, evaluate(chunks, data.valid_rows, cfg, *hooks), prefix="valid/")
+            if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < steps:
+                checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
+                                              extra={"rng": runtime.rng_state(),
+                                                     "consumed_rows": done * rows_per_step},
+                                              keep_last=cfg.checkpoint.keep_last)
+    elapsed = time.time() - t_start
+    if start < steps or checkpointing.latest_step(ckpt_dir) != steps:
+        checkpointing.save_checkpoint(ckpt_dir, steps, chunks, optimizer, scheduler,
+                                      extra={"rng": runtime.rng_state(), "consumed_rows": steps * rows_per_step},
+                                      keep_last=cfg.checkpoint.keep_last)
+    summary.update(final_loss=report["loss"], train_seconds=round(elapsed, 2))
+    if data.valid_rows:
+        valid = evaluate(chunks, data.valid_rows, cfg, *hooks)
+        summary["valid_loss"] = valid.get("loss")
+        logger.log(steps, valid, prefix="valid/")
+    logger.close()
+    runtime.barrier()
+    if cfg.export_hf:
+        from recipes.megatron.hf_checkpoint import export_to_hf
+
+        summary["hf_dir"] = str(export_to_hf(ckpt_dir, run_dir / "hf"))  # collective: every rank takes part
+    if rank0:
+        import json
+
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    runtime.print_rank0(f"[{stage}] done: {steps} steps, final loss {report['loss']:.4f}, "
+                        f"{elapsed:.0f} s; run dir {run_dir}")
+    return summary
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def launch(module: str, cfg_world: int, nodes: int, config: str | None, overrides: list[str]) -> int:
+    """Re-launch `python -m module` under torch.distributed.run with one process per rank of this node."""
+    import subprocess
+
+    if nodes > 1:
+        raise ConfigError(f"parallel.nodes={nodes}: start one `python -m torch.distributed.run --nnodes {nodes} "
+                          f"... -m {module}` per node (nrr launch / Slurm does this)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg_world}",
+           "-m", module]
+    cmd += (["--config", config] if config else []) + list(overrides)
+    # the ranks share this node's cores: their idle OpenMP threads sleep rather than spin for each other
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    return subprocess.call(cmd, env=env)
+
+
+def run_stage(module: str, cfg_cls: type, config: str | None, overrides: list[str], check: Callable,
+              run: Callable, distributed: Callable = lambda cfg: True) -> int:
+    """A training stage's command line: load and check its config, then run it here (one rank) or re-launch
+    `python -m module` with one process per rank. `distributed(cfg)` False runs in this process whatever the
+    layout (GRPO's rejection sampling)."""
+    from recipes.megatron import runtime
+
+    runtime.quiet_cpu_warnings()
+    cfg = load_config(cfg_cls, resolve_path(config) if config else None, overrides)
+    check(cfg)
+    if distributed(cfg) and world_size(cfg) > 1 and "RANK" not in os.environ:
+        return launch(module, world_size(cfg), cfg.parallel.nodes, config, overrides)
+    run(cfg)
+    return 0
