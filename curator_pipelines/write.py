@@ -1,8 +1,8 @@
 """Stage 8a: write the corpus as chat-format JSONL and Parquet, and the rejected records with reasons.
 
-A corpus record: `messages` = [user, assistant] (what SFT trains on), `enable_thinking`, and its
-provenance: teacher, problem id, sample index, reference, difficulty and pass rate, and every
-filter's verdict and score.
+A corpus record is a trace record (`recipes.data.trace_record`): `messages` = [user, assistant] (what SFT trains
+on), `enable_thinking`, and its provenance: teacher, problem id, sample index, reference, difficulty and pass
+rate, and every filter's verdict and score.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.records import log_stage, to_jsonable
 from recipes.chat_template import format_response
+from recipes.data.trace_record import make_record, write_records
 
 CORPUS_JSONL = "curated.jsonl"
 CORPUS_PARQUET = "curated.parquet"
@@ -36,22 +37,17 @@ def _filters(row: dict, names: list[str]) -> dict:
 def corpus_record(row: dict, names: list[str]) -> dict:
     think = bool(row.get("enable_thinking", True))
     assistant = row["response"] if think else format_response(None, row["answer_part"])
-    rec = {
-        "id": row["record_id"],
-        "messages": [{"role": "user", "content": row["problem"]}, {"role": "assistant", "content": assistant}],
-        "enable_thinking": think,
-        "problem_id": row["problem_id"],
-        "sample_index": int(row["sample_index"]),
-        "teacher": row.get("teacher"),
-        "reference": row["reference"],
-        "predicted": row.get("predicted"),
-        "difficulty": row.get("difficulty"),
-        "pass_rate": to_jsonable(row.get("pass_rate")),
-        "n_tokens": to_jsonable(row.get("f_length_score")),
-        "source": row.get("source"),
-        "extra": json.loads(row["extra"]) if row.get("extra") else {},
-        "filters": _filters(row, names),
-    }
+    rec = make_record(
+        row["record_id"], row["problem"], assistant, problem_id=row["problem_id"], reference=row["reference"],
+        source=row.get("source"), teacher=row.get("teacher"), enable_thinking=think,
+        sample_index=int(row["sample_index"]),
+        predicted=row.get("predicted"),
+        difficulty=row.get("difficulty"),
+        pass_rate=to_jsonable(row.get("pass_rate")),
+        n_tokens=to_jsonable(row.get("f_length_score")),
+        extra=json.loads(row["extra"]) if row.get("extra") else {},
+        filters=_filters(row, names),
+    )
     if row.get("teacher_label") is not None:
         rec["teacher_label"] = row["teacher_label"]
     return rec
@@ -82,7 +78,7 @@ def write_outputs(df: pd.DataFrame, out_dir: Path, jsonl: bool = True, parquet: 
     rejected = [rejected_record(r, names) for r in rows if not r["kept"]]
     written = []
     if jsonl:
-        _write_jsonl(out_dir / CORPUS_JSONL, corpus)
+        write_records(corpus, out_dir / CORPUS_JSONL)
         written.append(CORPUS_JSONL)
     if parquet:
         import pyarrow as pa
@@ -92,17 +88,9 @@ def write_outputs(df: pd.DataFrame, out_dir: Path, jsonl: bool = True, parquet: 
                                       for r in corpus])
         pq.write_table(table, out_dir / CORPUS_PARQUET)
         written.append(CORPUS_PARQUET)
-    _write_jsonl(out_dir / REJECTED_JSONL, rejected)
+    write_records(rejected, out_dir / REJECTED_JSONL)
     written.append(REJECTED_JSONL)
     return {"corpus": len(corpus), "rejected": len(rejected), "files": written}
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # readers never see half a file
 
 
 class WriteStage(ProcessingStage[DocumentBatch, DocumentBatch]):

@@ -87,7 +87,8 @@ def test_rejection_sampling_keeps_verified_distinct_responses():
     assert kept == [good]
     rec = to_record(p.to_dict(), good, 0, {"policy": "ckpt", "samples_per_problem": 4})
     assert rec["messages"] == [{"role": "user", "content": p.question}, {"role": "assistant", "content": good}]
-    assert rec["answer"] == p.answer and rec["source"] == "rejection-sampling" and rec["provenance"]["policy"] == "ckpt"
+    assert rec["reference"] == p.answer and rec["source"] == "rejection-sampling"
+    assert rec["provenance"]["policy"] == "ckpt" and rec["problem_id"] == p.id
 
 
 def _grpo(run_dir, *overrides):

@@ -33,7 +33,7 @@ def _write(path, records):
 
 
 def test_think_ratio_mixes_think_and_no_think(tmp_path):
-    corpus = sd.write_jsonl(sd.task_records([1, 2], 100, seed=3), tmp_path / "c.jsonl")
+    corpus = sd.write_records(sd.task_records([1, 2], 100, seed=3), tmp_path / "c.jsonl")
     _, all_think = sd.load_examples(corpus, sd.DataConfig(think_ratio=1.0), 384)
     assert (all_think.think, all_think.no_think) == (200, 0)
     ex, none = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.0), 384)
@@ -65,7 +65,7 @@ def test_parquet_reads_like_jsonl(tmp_path):
     import pyarrow.parquet as pq
 
     records = sd.task_records([1, 2, 3], 10, seed=0)
-    jsonl = sd.write_jsonl(records, tmp_path / "c.jsonl")
+    jsonl = sd.write_records(records, tmp_path / "c.jsonl")
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
     a, _ = sd.load_examples(jsonl, sd.DataConfig(), 384)
     b, _ = sd.load_examples(tmp_path / "c.parquet", sd.DataConfig(), 384)
@@ -126,3 +126,25 @@ def test_task_corpus_spells_out_a_share_of_its_traces():
         assert text in (task.assistant_response(p), task.assistant_response(p, spell_out=True))
     assert hard > 200 and abs(spelled / hard - 0.5) < 0.08
     assert sd.task_records([2, 3], 400, seed=1, spell_out_rate=0.5) == records  # a function of the seed
+
+
+def test_every_corpus_writer_writes_the_one_trace_record_and_sft_reads_them_all(tmp_path):
+    from curator_pipelines.write import corpus_record
+    from recipes import task
+    from recipes.rl.rejection_sampling import to_record
+
+    p = task.train_problems([2], 1, seed=4)[0]
+    response = task.assistant_response(p)
+    from_task = sd.task_records([2], 1, seed=4)[0]
+    from_rejection = to_record(p.to_dict(), response, 0, {"policy": "ckpt"})
+    from_curation = corpus_record({"record_id": "c-0", "problem": p.question, "response": response, "answer_part": "",
+                                   "problem_id": p.id, "reference": p.answer, "source": "embedded", "teacher": "t",
+                                   "sample_index": 0, "predicted": p.answer, "f_length_score": 40.0}, [])
+    core = ["id", "messages", "enable_thinking", "problem_id", "reference", "source", "teacher"]
+    for rec in (from_task, from_rejection, from_curation):
+        assert list(rec)[:len(core)] == core, rec
+        assert rec["messages"] == [{"role": "user", "content": p.question}, {"role": "assistant", "content": response}]
+        assert rec["problem_id"] == p.id and rec["reference"] == p.answer and rec["enable_thinking"] is True
+    path = sd.write_records([from_task, from_rejection, from_curation], tmp_path / "mixed.jsonl")
+    examples, stats = sd.load_examples(path, sd.DataConfig(), 384)
+    assert stats.examples == 3 and len({tuple(e.input_ids.tolist()) for e in examples}) == 1

@@ -52,7 +52,7 @@ def bench_sft(corpus: str | None = None, seq_length: int = 256, steps: int = 5, 
     hf_config = str(resolve_path(hf_config))
     if corpus is None:
         tmp = Path(tempfile.mkdtemp(prefix="nrr-bench-sft-"))
-        corpus = str(sd.write_jsonl(sd.task_records([1, 2, 3], n_per_level, seed=0), tmp / "corpus.jsonl"))
+        corpus = str(sd.write_records(sd.task_records([1, 2, 3], n_per_level, seed=0), tmp / "corpus.jsonl"))
     vocab = int(providers.load_hf_config(hf_config)["vocab_size"])
     cfg = sd.DataConfig(seq_length=seq_length, on_bad_record="skip")
     t0 = time.perf_counter()

@@ -14,20 +14,16 @@ are counted and skipped when `on_bad_record: skip`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
 from recipes import chat_template as ct
 from recipes import tokenizer as tok
 from recipes.data.packing import Example, Row, collate, pack, pad
-
-
-class DataError(ValueError):
-    """A problem with a corpus record, naming the file and line (or Parquet row)."""
+from recipes.data.trace_record import DataError, make_record, read_records, write_records
 
 
 @dataclasses.dataclass
@@ -54,39 +50,6 @@ class DataConfig:
 
 
 # ------------------------------------------------------------------------------ reading
-
-
-def corpus_files(path: str | Path) -> list[Path]:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".jsonl", ".parquet"))
-        if not files:
-            raise DataError(f"{p}: no .jsonl or .parquet files in this folder")
-        return files
-    if not p.exists():
-        raise DataError(f"{p}: corpus file not found")
-    if p.suffix not in (".jsonl", ".parquet", ".json"):
-        raise DataError(f"{p}: unsupported corpus format (expected .jsonl or .parquet)")
-    return [p]
-
-
-def iter_records(path: str | Path) -> Iterator[tuple[str, object]]:
-    """Yield (where, record) for every record: where is 'file:line' (JSONL) or 'file:row N' (Parquet)."""
-    for f in corpus_files(path):
-        if f.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for i, rec in enumerate(pq.read_table(f).to_pylist()):
-                yield f"{f}:row {i + 1}", rec
-            continue
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{f}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"{f}:{lineno}", DataError(f"invalid JSON ({err.msg})")
 
 
 # ------------------------------------------------------------------------------ tokenizing
@@ -195,7 +158,7 @@ def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int,
     check_vocab(vocab_size)
     stats = CorpusStats()
     examples: list[Example] = []
-    for index, (where, rec) in enumerate(iter_records(path)):
+    for index, (where, rec) in enumerate(read_records(path)):
         if cfg.max_records is not None and stats.records >= cfg.max_records:
             break
         stats.records += 1
@@ -247,45 +210,31 @@ def check_vocab(model_vocab_size: int, hf_dir: str | Path | None = None) -> None
 
 def task_records(levels: list[int], n_per_level: int | list[int], seed: int, think: bool = True,
                  spell_out_rate: float = 0.0) -> list[dict]:
-    """Reference traces of the embedded task in the curation record format (a spell_out_rate share of them
-    with the hard operations written out)."""
+    """Reference traces of the embedded task as trace records (a spell_out_rate share of them with the hard
+    operations written out)."""
     from recipes import task
 
     records = []
     for p in task.train_problems(levels, n_per_level, seed=seed):
         spell_out = spell_out_rate > 0 and random.Random(f"{seed}:spell:{p.id}").random() < spell_out_rate
-        records.append({
-            "id": p.id, "level": p.level, "problem": p.question, "answer": p.answer,
-            "source": "task-reference", "teacher": "reference-solver",
-            "messages": [
-                {"role": "user", "content": p.question},
-                {"role": "assistant", "content": task.assistant_response(p, think=think, spell_out=spell_out)},
-            ],
-        })
+        records.append(make_record(p.id, p.question, task.assistant_response(p, think=think, spell_out=spell_out),
+                                   problem_id=p.id, reference=p.answer, source="task-reference",
+                                   teacher="reference-solver", enable_thinking=think, level=p.level))
     return records
-
-
-def write_jsonl(records: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    return path
 
 
 def write_task_corpus(cfg: TaskCorpusConfig, out_dir: str | Path) -> tuple[Path, Path | None]:
     """Write train (and validation) JSONL corpora of the embedded task; returns their paths."""
     out = Path(out_dir)
     records = task_records(cfg.levels, cfg.n_per_level, cfg.seed, spell_out_rate=cfg.spell_out_rate)
-    train = write_jsonl(records, out / "train.jsonl")
+    train = write_records(records, out / "train.jsonl")
     valid = None
     if cfg.valid_per_level > 0:
         # another seed of the train split: unseen problems, still disjoint from the held-out benchmark
         valid_records = task_records(cfg.levels, cfg.valid_per_level, cfg.seed + 1_000_003,
                                      spell_out_rate=cfg.spell_out_rate)
         train_ids = {r["id"] for r in records}
-        valid = write_jsonl([r for r in valid_records if r["id"] not in train_ids], out / "valid.jsonl")
+        valid = write_records([r for r in valid_records if r["id"] not in train_ids], out / "valid.jsonl")
     return train, valid
 
 

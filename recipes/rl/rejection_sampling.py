@@ -3,7 +3,7 @@ keep the verified-correct ones, and write them as an SFT corpus in the curation 
 
     nrr grpo rejection-sample --config nemo_configs/grpo/tiny_cpu.yaml model.init_checkpoint=runs/grpo/checkpoints
 
-Each record: {id, level, problem, answer, source, teacher, messages: [user, assistant], provenance}.
+Each record is a trace record (`recipes.data.trace_record`) with the problem's level and the sampling provenance.
 """
 
 from __future__ import annotations
@@ -39,12 +39,11 @@ def select_correct(problem: dict, responses: list[str], max_keep: int | None = N
 
 
 def to_record(problem: dict, response: str, k: int, provenance: dict) -> dict:
-    return {
-        "id": f"{problem['id']}-rs{k}", "level": problem.get("level"), "problem": problem["problem"],
-        "answer": problem["answer"], "source": "rejection-sampling", "teacher": provenance.get("policy", "policy"),
-        "messages": [{"role": "user", "content": problem["problem"]}, {"role": "assistant", "content": response}],
-        "provenance": provenance,
-    }
+    from recipes.data.trace_record import make_record
+
+    return make_record(f"{problem['id']}-rs{k}", problem["problem"], response, problem_id=problem["id"],
+                       reference=problem["answer"], source="rejection-sampling",
+                       teacher=provenance.get("policy", "policy"), level=problem.get("level"), provenance=provenance)
 
 
 def run(cfg) -> dict:
@@ -55,6 +54,7 @@ def run(cfg) -> dict:
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import make_backend, prompt_ids
     from recipes.config import resolve_path
+    from recipes.data.trace_record import write_records
 
     opts = cfg.rejection
     runtime.init_distributed(1, 1, seed=cfg.training.seed)
@@ -77,8 +77,7 @@ def run(cfg) -> dict:
         solved += bool(kept)
         records += [to_record(p.to_dict(), text, k, provenance) for k, text in enumerate(kept)]
     out = Path(opts.out or run_dir / "rejection_sampled.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_records(records, out)
     summary = {"problems": len(problems), "solved": solved, "records": len(records), "out": str(out),
                "pass_at_n": solved / max(len(problems), 1)}
     (run_dir / "rejection_summary.json").write_text(json.dumps(summary, indent=2))

@@ -19,7 +19,7 @@ def main() -> None:
 
     runtime.init_distributed(1, 1, seed=0)
     hf = providers.load_hf_config("recipes/assets/models/tiny-qwen2/config.json")
-    path = sd.write_jsonl(sd.task_records([1, 2, 3], 8, seed=5), Path(sys.argv[1]) / "corpus.jsonl")
+    path = sd.write_records(sd.task_records([1, 2, 3], 8, seed=5), Path(sys.argv[1]) / "corpus.jsonl")
     examples, _ = sd.load_examples(path, sd.DataConfig(seq_length=128), hf["vocab_size"])  # 24 examples
     chunks = providers.build_model(hf, 1, 1, seed=0)
     out = {"examples": len(examples)}
