@@ -38,7 +38,7 @@ class EmbeddedProblemsConfig:
 
 
 @dataclasses.dataclass
-class GenerationConfig:
+class TeacherRequestConfig:
     """The teacher behind an OpenAI-compatible endpoint (or human solutions, `source: solution`)."""
 
     source: Literal["endpoint", "solution"] = "endpoint"
@@ -137,7 +137,7 @@ class CurateConfig:
     data_root: str | None = None  # where named datasets are read (None: $NRR_DATA_ROOT, else the repository's)
     input: InputConfig = dataclasses.field(default_factory=InputConfig)
     embedded_problems: EmbeddedProblemsConfig = dataclasses.field(default_factory=EmbeddedProblemsConfig)
-    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    generation: TeacherRequestConfig = dataclasses.field(default_factory=TeacherRequestConfig)
     filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     decontam: DecontamConfig = dataclasses.field(default_factory=DecontamConfig)

@@ -29,7 +29,7 @@ from nemo_curator.stages.base import ProcessingStage
 from nemo_curator.stages.resources import Resources
 from nemo_curator.tasks import DocumentBatch
 
-from curator_pipelines.config import GenerationConfig
+from curator_pipelines.config import TeacherRequestConfig
 from curator_pipelines.records import log_stage, record_id
 from recipes.chat_template import format_response
 
@@ -40,7 +40,7 @@ class GenerationError(RuntimeError):
     pass
 
 
-def api_key(cfg: GenerationConfig) -> str:
+def api_key(cfg: TeacherRequestConfig) -> str:
     if not cfg.api_key_env:
         return "EMPTY"  # local servers (vLLM, the embedded teacher) accept any key
     key = os.environ.get(cfg.api_key_env)
@@ -98,7 +98,7 @@ class ResultWriter:
 # ------------------------------------------------------------------ the client
 
 
-def request_body(cfg: GenerationConfig, problem: str, sample_index: int) -> dict:
+def request_body(cfg: TeacherRequestConfig, problem: str, sample_index: int) -> dict:
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     messages.append({"role": "user", "content": cfg.prompt_template.format(problem=problem)})
     return {
@@ -112,7 +112,7 @@ def request_body(cfg: GenerationConfig, problem: str, sample_index: int) -> dict
     }
 
 
-def _retry_delay(cfg: GenerationConfig, attempt: int, retry_after: str | None, rng: random.Random) -> float:
+def _retry_delay(cfg: TeacherRequestConfig, attempt: int, retry_after: str | None, rng: random.Random) -> float:
     delay = min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt) * (0.5 + 0.5 * rng.random())
     if retry_after:
         try:
@@ -122,7 +122,7 @@ def _retry_delay(cfg: GenerationConfig, attempt: int, retry_after: str | None, r
     return delay
 
 
-async def _one(client, cfg: GenerationConfig, url: str, headers: dict, body: dict, rng: random.Random) -> dict:
+async def _one(client, cfg: TeacherRequestConfig, url: str, headers: dict, body: dict, rng: random.Random) -> dict:
     """One (problem, sample): the completion, or a failure with the last error after all retries."""
     import httpx
 
@@ -158,7 +158,7 @@ async def _one(client, cfg: GenerationConfig, url: str, headers: dict, body: dic
             "attempts": cfg.max_retries + 1}
 
 
-async def _generate_all(cfg: GenerationConfig, jobs: list[tuple[str, int, str]], writer: ResultWriter,
+async def _generate_all(cfg: TeacherRequestConfig, jobs: list[tuple[str, int, str]], writer: ResultWriter,
                         teacher: str, on_done) -> None:
     import httpx
 
@@ -229,7 +229,7 @@ def _catch(coro) -> list[BaseException]:
     return []
 
 
-def generate(cfg: GenerationConfig, problems: pd.DataFrame, results_path: Path, show_progress: bool = True) -> dict:
+def generate(cfg: TeacherRequestConfig, problems: pd.DataFrame, results_path: Path, show_progress: bool = True) -> dict:
     """Ask the teacher for every missing (problem, sample) and append them to `results_path`."""
     teacher = cfg.teacher_name or cfg.model
     done = load_results(results_path)
@@ -301,7 +301,7 @@ class GenerateStage(ProcessingStage[DocumentBatch, DocumentBatch]):
     name = "generate"
     resources = Resources(cpus=1.0)
 
-    def __init__(self, cfg: GenerationConfig, results_path: str, show_progress: bool = True):
+    def __init__(self, cfg: TeacherRequestConfig, results_path: str, show_progress: bool = True):
         self.cfg = cfg
         self.results_path = results_path
         self.show_progress = show_progress

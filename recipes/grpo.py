@@ -30,7 +30,7 @@ from recipes.rl.rejection_sampling import RejectionConfig
 from recipes.rl.rewards import RewardsConfig, Sample, check_weights, score
 from recipes.rl.rollout import RolloutConfig, prompt_ids
 from recipes.stages import STAGES
-from recipes.trainer import CheckpointConfig, LoggingConfig, ModelConfig, ParallelConfig, TrainingConfig, run_stage
+from recipes.trainer import CheckpointConfig, LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig, run_stage
 
 HELP = STAGES["grpo"].help
 DEFAULT_CONFIG = STAGES["grpo"].default_config
@@ -62,7 +62,7 @@ class GRPOSettings:
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class HeldoutConfig:
     every_steps: int = 0  # 0: only before and after training
     levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3])
     per_level: int = 100  # held-out problems per level
@@ -76,14 +76,15 @@ class GRPOConfig:
     mode: str = "train"  # train | rejection_sample
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    training: TrainingConfig = dataclasses.field(default_factory=lambda: TrainingConfig(
-        global_batch_size=None, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, max_steps=None))
+    # the batch is grpo.prompts_per_step x grpo.group_size; the length grpo.steps
+    training: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0))
     grpo: GRPOSettings = dataclasses.field(default_factory=GRPOSettings)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    eval: HeldoutConfig = dataclasses.field(default_factory=HeldoutConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=0))
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     rejection: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
@@ -104,7 +105,7 @@ def check_config(cfg: GRPOConfig) -> None:
         raise ConfigError("grpo.group_size must be >= 2 (advantages are relative to the group)")
     if cfg.prompts.level_weights is not None and len(cfg.prompts.level_weights) != len(cfg.prompts.levels):
         raise ConfigError("prompts.level_weights must have one weight per entry of prompts.levels")
-    if cfg.loss.variant == "dr_grpo" and cfg.loss.max_response_tokens != cfg.rollout.max_tokens:
+    if cfg.loss.variant == "dr_grpo" and cfg.loss.max_response_tokens not in (None, cfg.rollout.max_tokens):
         raise ConfigError(f"loss.max_response_tokens={cfg.loss.max_response_tokens} should equal rollout.max_tokens="
                           f"{cfg.rollout.max_tokens} (Dr.GRPO's constant normaliser is the generation budget)")
     try:
@@ -295,7 +296,7 @@ def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, same_
 # ------------------------------------------------------------------------------ evaluation
 
 
-def heldout_accuracy(backend, cfg: EvalConfig, max_tokens: int) -> dict[str, float]:
+def heldout_accuracy(backend, cfg: HeldoutConfig, max_tokens: int) -> dict[str, float]:
     """pass@1 per level on the fixed held-out split (rank 0, through the rollout engine): greedy, or the mean
     over `cfg.samples` responses sampled at `cfg.temperature`."""
     from recipes.grader import grade_response
@@ -544,7 +545,17 @@ def cli(args) -> int:
                      distributed=lambda cfg: cfg.mode == "train")  # rejection sampling runs in one process
 
 
+def with_generation_budget(cfg: GRPOConfig) -> GRPOConfig:
+    """The generation budget is set once (rollout.max_tokens): Dr.GRPO's normaliser and DAPO's overlong L_max
+    follow it unless a config sets them."""
+    loss = dataclasses.replace(cfg.loss, max_response_tokens=cfg.loss.max_response_tokens or cfg.rollout.max_tokens)
+    rewards = dataclasses.replace(cfg.rewards,
+                                  overlong_max_tokens=cfg.rewards.overlong_max_tokens or cfg.rollout.max_tokens)
+    return dataclasses.replace(cfg, loss=loss, rewards=rewards)
+
+
 def run(cfg: GRPOConfig) -> None:
+    cfg = with_generation_budget(cfg)
     if cfg.mode == "rejection_sample":
         from recipes.rl.rejection_sampling import run as rejection_sample
 

@@ -33,7 +33,7 @@ DEFAULT_CONFIG = STAGES["kd"].default_config
 
 
 @dataclasses.dataclass
-class TeacherConfig:
+class TeacherModelConfig:
     hf_config: str = "recipes/assets/models/tiny-qwen2/config.json"
     checkpoint: str | None = None  # the teacher's Megatron checkpoint or HF folder (required)
 
@@ -50,7 +50,7 @@ class KDLossConfig:
 @dataclasses.dataclass
 class KDConfig(SFTConfig):
     output_dir: str = "runs/kd"
-    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    teacher: TeacherModelConfig = dataclasses.field(default_factory=TeacherModelConfig)
     kd: KDLossConfig = dataclasses.field(default_factory=KDLossConfig)
 
 

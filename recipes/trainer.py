@@ -47,12 +47,9 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass
-class TrainingConfig:
-    # the global batch, in rows of data.seq_length tokens: set one of the three
-    global_batch_size: int | None = 16
-    global_batch_tokens: int | None = None  # rows = tokens / seq_length
-    grad_accumulation: int | None = None  # rows = micro_batch_size * grad_accumulation * dp
-    micro_batch_size: int = 16
+class OptimizerConfig:
+    """Optimizer, schedule, seed and numerics: what `build_model_and_optimizer` reads (GRPO's `training:`)."""
+
     lr: float = 1.5e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
@@ -62,13 +59,24 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     seed: int = 1234
-    max_steps: int | None = 3000  # when both are set the smaller wins
-    epochs: float | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     threads: int | None = 2  # torch CPU threads per process (None: torch's default)
     # float32 matmuls (torch.set_float32_matmul_precision): "high" allows TF32 on GPUs; "medium" allows bf16
     # products with float32 sums, which CPUs with AMX run ~2x faster (attention stays at "highest" on CPU)
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
+
+
+@dataclasses.dataclass
+class TrainingConfig(OptimizerConfig):
+    """SFT's and KD's `training:`: the optimizer's settings, and the global batch and its length."""
+
+    # the global batch, in rows of data.seq_length tokens: set one of the three
+    global_batch_size: int | None = 16
+    global_batch_tokens: int | None = None  # rows = tokens / seq_length
+    grad_accumulation: int | None = None  # rows = micro_batch_size * grad_accumulation * dp
+    micro_batch_size: int = 16
+    max_steps: int | None = 3000  # when both are set the smaller wins
+    epochs: float | None = None
 
 
 @dataclasses.dataclass
@@ -193,13 +201,13 @@ def total_steps(cfg: SFTConfig, n_rows: int) -> int:
     return min(steps)
 
 
-def model_dtype(cfg: SFTConfig):
+def model_dtype(cfg):
     import torch
 
     return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.training.precision]
 
 
-def build_model_and_optimizer(cfg: SFTConfig, steps: int):
+def build_model_and_optimizer(cfg, steps: int):
     """The student's model chunks (DDP-wrapped), megatron's AdamW and its warmup + cosine schedule."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 

@@ -20,10 +20,10 @@ from curator_pipelines.read import BadRecordError, ReadProblemsStage, read_probl
 from curator_pipelines.select import select, think_off_positions
 from curator_pipelines.write import write_outputs
 from recipes import task
-from recipes.teacher.server import FaultConfig, TeacherConfig, TeacherServer
+from recipes.teacher.server import FaultConfig, TeacherServerConfig, TeacherServer
 from recipes.teacher.traces import DefectRates, TraceConfig
 
-CLEAN_TEACHER = TeacherConfig(traces=TraceConfig(self_check_rate=0.0, defects=DefectRates()))
+CLEAN_TEACHER = TeacherServerConfig(traces=TraceConfig(self_check_rate=0.0, defects=DefectRates()))
 
 
 def _write_problems(path: Path, problems) -> Path:
@@ -116,7 +116,7 @@ def _generate(cfg: GenerationConfig, problems, results: Path) -> pd.DataFrame:
 def test_faults_429_500_and_hangs_still_yield_every_record(tmp_path):
     problems = task.train_problems([1, 2], 40, seed=3)
     faults = FaultConfig(rate_429=0.15, rate_500=0.15, rate_hang=0.05, hang_s=3.0, seed=1)
-    with TeacherServer(TeacherConfig(faults=faults, log_path=str(tmp_path / "log.jsonl"))) as server:
+    with TeacherServer(TeacherServerConfig(faults=faults, log_path=str(tmp_path / "log.jsonl"))) as server:
         cfg = GenerationConfig(base_url=server.base_url, n_samples=2, concurrency=16, timeout_s=0.5,
                                max_retries=8, backoff_s=0.01, backoff_max_s=0.05)
         df = _generate(cfg, problems, tmp_path / "gen.jsonl")
@@ -129,7 +129,7 @@ def test_faults_429_500_and_hangs_still_yield_every_record(tmp_path):
 
 def test_retries_running_out_give_explicit_failure_records(tmp_path):
     problems = task.train_problems([1], 5, seed=3)
-    with TeacherServer(TeacherConfig(faults=FaultConfig(rate_500=1.0))) as server:
+    with TeacherServer(TeacherServerConfig(faults=FaultConfig(rate_500=1.0))) as server:
         cfg = GenerationConfig(base_url=server.base_url, n_samples=2, max_retries=2, backoff_s=0.01)
         df = _generate(cfg, problems, tmp_path / "gen.jsonl")
     assert len(df) == 10 and not df["kept"].any()
@@ -145,7 +145,7 @@ def test_resume_asks_only_for_missing_pairs_and_survives_a_torn_line(tmp_path):
     problems = task.train_problems([1, 2], 10, seed=4)
     results = tmp_path / "gen.jsonl"
     log = tmp_path / "log.jsonl"
-    with TeacherServer(TeacherConfig(log_path=str(log))) as server:
+    with TeacherServer(TeacherServerConfig(log_path=str(log))) as server:
         cfg = GenerationConfig(base_url=server.base_url, n_samples=2)
         first = _generate(cfg, problems[:12], results)
         with open(results, "a") as f:

@@ -158,7 +158,7 @@ def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_eva
     from recipes.evaluation.backends import Completion
     from recipes.evaluation.config import GenerationConfig
     from recipes.evaluation.runner import build_record
-    from recipes.grpo import EvalConfig, heldout_accuracy
+    from recipes.grpo import HeldoutConfig, heldout_accuracy
     from recipes.rl.rewards import RewardsConfig, Sample, accuracy
     from recipes.rl.rollout import Completion as RolloutCompletion
 
@@ -185,6 +185,6 @@ def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_eva
             record = build_record({"id": p.id, "benchmark": "embedded", "problem": p.question, "answer": p.answer}, 0,
                                   Completion(text, 10, "stop"), GenerationConfig(), lambda s: len(s), 5.0)
             verdicts.setdefault("evaluation", set()).add(record["is_correct"])
-        heldout = heldout_accuracy(ScriptedEngine(template), EvalConfig(levels=[2], per_level=4), 64)["L2"]
+        heldout = heldout_accuracy(ScriptedEngine(template), HeldoutConfig(levels=[2], per_level=4), 64)["L2"]
         verdicts["grpo_heldout"] = {heldout == 1.0} if heldout in (0.0, 1.0) else {None}
         assert verdicts == dict.fromkeys(verdicts, {expected}), (template, verdicts)

@@ -145,7 +145,7 @@ def test_completion_keeps_think_tags_and_cuts_at_eos():
 
 def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
     """pass@1 with samples is the mean over every sampled response (hand-counted on scripted completions)."""
-    from recipes.grpo import EvalConfig, heldout_accuracy
+    from recipes.grpo import HeldoutConfig, heldout_accuracy
     from recipes.rl.rollout import Completion
 
     class ScriptedEngine:  # answers the i-th sample of every problem correctly when i < right[level]
@@ -165,8 +165,8 @@ def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
     from recipes.rl.rollout import prompt_ids
     p_ids = {p.id: prompt_ids(p) for p in problems}
     engine = ScriptedEngine({2: 3, 3: 1})
-    sampled = heldout_accuracy(engine, EvalConfig(levels=[2, 3], per_level=5, temperature=0.6, samples=4), 64)
+    sampled = heldout_accuracy(engine, HeldoutConfig(levels=[2, 3], per_level=5, temperature=0.6, samples=4), 64)
     assert sampled == {"L2": 0.75, "L3": 0.25, "mean": 0.5}
     assert engine.calls == [(5, 4, 0.6), (5, 4, 0.6)]
-    greedy = heldout_accuracy(engine, EvalConfig(levels=[2, 3], per_level=5, samples=4), 64)  # T=0: one response
+    greedy = heldout_accuracy(engine, HeldoutConfig(levels=[2, 3], per_level=5, samples=4), 64)  # T=0: one response
     assert greedy == {"L2": 1.0, "L3": 1.0, "mean": 1.0} and engine.calls[-1] == (5, 1, 0.0)

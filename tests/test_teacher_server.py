@@ -14,15 +14,15 @@ import pytest
 from recipes import grader, task
 from recipes.chat_template import format_response, split_response
 from recipes.config import load_config
-from recipes.teacher.server import FaultConfig, TeacherConfig, TeacherServer
+from recipes.teacher.server import FaultConfig, TeacherServerConfig, TeacherServer
 from recipes.teacher.traces import RESPONSE_DEFECTS, DefectRates, TraceConfig, make_trace, parse_expression
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_YAML = ROOT / "nemo_configs/teacher/embedded.yaml"
 
 
-def _cfg() -> TeacherConfig:
-    return load_config(TeacherConfig, TEACHER_YAML)
+def _cfg() -> TeacherServerConfig:
+    return load_config(TeacherServerConfig, TEACHER_YAML)
 
 
 def test_parse_expression_from_a_user_message():
@@ -128,15 +128,15 @@ def test_http_api_with_the_openai_client(tmp_path):
 
 
 def test_injected_faults():
-    cfg = TeacherConfig(faults=FaultConfig(rate_429=1.0, retry_after_s=2))
+    cfg = TeacherServerConfig(faults=FaultConfig(rate_429=1.0, retry_after_s=2))
     with TeacherServer(cfg) as server:
         r = httpx.post(server.base_url + "/chat/completions", json={"messages": [{"role": "user", "content": "1+1"}]})
         assert r.status_code == 429 and r.headers["retry-after"] == "2"
-    cfg = TeacherConfig(faults=FaultConfig(rate_500=1.0))
+    cfg = TeacherServerConfig(faults=FaultConfig(rate_500=1.0))
     with TeacherServer(cfg) as server:
         r = httpx.post(server.base_url + "/chat/completions", json={"messages": [{"role": "user", "content": "1+1"}]})
         assert r.status_code == 500
-    cfg = TeacherConfig(faults=FaultConfig(rate_hang=1.0, hang_s=5))
+    cfg = TeacherServerConfig(faults=FaultConfig(rate_hang=1.0, hang_s=5))
     with TeacherServer(cfg) as server, pytest.raises(httpx.ReadTimeout):
         httpx.post(server.base_url + "/chat/completions", json={"messages": [{"role": "user", "content": "1+1"}]},
                    timeout=0.3)

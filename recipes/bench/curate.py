@@ -22,10 +22,10 @@ def _traces(n_problems: int, n_samples: int) -> list[dict]:
     from curator_pipelines.filters import parse_response
     from recipes import task
     from recipes.config import load_config
-    from recipes.teacher.server import TeacherConfig
+    from recipes.teacher.server import TeacherServerConfig
     from recipes.teacher.traces import make_trace
 
-    cfg = load_config(TeacherConfig, Path(__file__).resolve().parents[2] / "nemo_configs/teacher/embedded.yaml")
+    cfg = load_config(TeacherServerConfig, Path(__file__).resolve().parents[2] / "nemo_configs/teacher/embedded.yaml")
     problems = task.train_problems([1, 2, 3], max(1, n_problems // 3), seed=1)
     records = []
     for p in problems:

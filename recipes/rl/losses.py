@@ -29,7 +29,7 @@ class LossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2  # DAPO "clip-higher" raises this (0.28) to keep exploration alive
     kl_coef: float = 0.0  # 0 skips the reference model entirely
-    max_response_tokens: int = 128  # Dr.GRPO's constant normaliser (the generation budget)
+    max_response_tokens: int | None = None  # Dr.GRPO's constant normaliser (None: GRPO's rollout.max_tokens)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

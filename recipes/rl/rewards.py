@@ -32,7 +32,7 @@ class Sample:
 class RewardsConfig:
     weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"accuracy": 1.0})
     language: str = "LATIN"  # the script the reasoning should stay in (a Unicode name prefix)
-    overlong_max_tokens: int = 128  # DAPO's L_max: the generation budget
+    overlong_max_tokens: int | None = None  # DAPO's L_max (None: GRPO's rollout.max_tokens, the generation budget)
     overlong_cache_tokens: int = 32  # penalty ramps linearly over the last this-many tokens
     length_target_tokens: int = 64  # `length`: responses longer than this lose reward linearly
     code_timeout_s: float = 2.0

@@ -40,9 +40,9 @@ def _watch_parent(pid: int, server) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from recipes.teacher.server import TeacherConfig, TeacherServer
+    from recipes.teacher.server import TeacherServerConfig, TeacherServer
 
-    cfg = load_config(TeacherConfig, args.config, args.overrides)
+    cfg = load_config(TeacherServerConfig, args.config, args.overrides)
     server = TeacherServer(cfg)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.httpd.shutdown).start())
     if args.parent_pid:

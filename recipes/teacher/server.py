@@ -35,7 +35,7 @@ class FaultConfig:
 
 
 @dataclasses.dataclass
-class TeacherConfig:
+class TeacherServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port, printed on startup
     model: str = "nrr-embedded-teacher"
@@ -58,7 +58,7 @@ def _user_message(messages: list) -> str:
 class TeacherServer:
     """The HTTP server plus its state (fault RNG, log file, counters)."""
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: TeacherServerConfig):
         self.cfg = cfg
         self._fault_rng = random.Random(cfg.faults.seed)
         self._lock = threading.Lock()
