@@ -125,7 +125,7 @@ def plot(report: dict, df: pd.DataFrame, out_dir: Path) -> list[str]:
     return files
 
 
-def write_report(df: pd.DataFrame, metadata: dict, out_dir: Path, name: str, histograms: bool = True) -> dict:
+def write_curation_report(df: pd.DataFrame, metadata: dict, out_dir: Path, name: str, histograms: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(df, metadata, name)
     if histograms:
@@ -146,7 +146,7 @@ class ReportStage(ProcessingStage[DocumentBatch, DocumentBatch]):
 
     def process(self, task: DocumentBatch) -> DocumentBatch:
         started = time.perf_counter()
-        write_report(task.to_pandas(), task._metadata, Path(self.out_dir), self.run_name, self.histograms)
+        write_curation_report(task.to_pandas(), task._metadata, Path(self.out_dir), self.run_name, self.histograms)
         metadata = dict(task._metadata)
         metadata["nrr_report_seconds"] = round(time.perf_counter() - started, 3)
         return DocumentBatch(dataset_name=task.dataset_name, data=task.data, _metadata=metadata)

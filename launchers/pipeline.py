@@ -181,7 +181,7 @@ def level_values(path: str, key: str) -> dict[str, float]:
     return {lvl: float(v[leaf]) for lvl, v in by_level.items() if isinstance(v, dict) and isinstance(v.get(leaf), (int, float))}
 
 
-def write_report(cfg: PipelineConfig, profile: Profile, path: str) -> str:
+def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str) -> str:
     """The pipeline's report: the summary table (with a column per level when the evals report levels) and
     links to every step's own reports. Returns the Markdown it wrote."""
     import os

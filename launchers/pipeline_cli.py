@@ -52,13 +52,13 @@ def print_summary(cfg, profile, file=None) -> None:
         table.add_row(label, cell(value), *(cell(levels[label].get(n)) for n in names), path)
     console.print(table)
     if cfg.summary.report:
-        from launchers.pipeline import substitute, write_report
+        from launchers.pipeline import substitute, write_pipeline_report
         from launchers.profiles import run_path
 
         run_dir = run_path(profile, cfg.run_dir)
         dirs = {s.name: f"{run_dir}/{s.name}" for s in cfg.steps}
         report = substitute(cfg.summary.report, dirs, None, run_dir, "summary.report")
-        write_report(cfg, profile, report)
+        write_pipeline_report(cfg, profile, report)
         console.print(f"report: {report}", markup=False)
 
 

@@ -88,10 +88,10 @@ def cli(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     if args.command == "compare":
-        from recipes.evaluation.report import write_report
+        from recipes.evaluation.report import write_eval_report
 
         try:
-            path = write_report(args.runs, args.output)
+            path = write_eval_report(args.runs, args.output)
         except FileNotFoundError as err:
             print(f"nrr eval compare: {err}", file=sys.stderr)
             return 2

@@ -182,7 +182,7 @@ def test_local_pipeline_stops_after_a_failed_stage(tmp_path, monkeypatch):
 
 
 def test_pipeline_report_tables_levels_and_links_step_reports(tmp_path):
-    from launchers.pipeline import write_report
+    from launchers.pipeline import write_pipeline_report
 
     run = tmp_path / "run"
     by_level = {"base": {"1": 0.0, "2": 0.0}, "sft": {"1": 0.9, "2": 0.5}}
@@ -198,7 +198,7 @@ def test_pipeline_report_tables_levels_and_links_step_reports(tmp_path):
                                              "summary.key=benchmarks.embedded.pass@1",
                                              "summary.rows={base: '${eval_base.dir}/summary.json', "
                                              "SFT: '${eval_sft.dir}/summary.json', GRPO: '${grpo.dir}/none.json'}"])
-    text = write_report(cfg, load_profile("local", []), str(run / "report.md"))
+    text = write_pipeline_report(cfg, load_profile("local", []), str(run / "report.md"))
     assert (run / "report.md").read_text() == text
     lines = text.splitlines()
     assert "| model | all | L1 | L2 | from |" in lines

@@ -1,6 +1,6 @@
 """The HTML report of one or several evaluation runs, side by side (plots embedded as base64 PNGs).
 
-    write_report([run_a, run_b], "report.html")
+    write_eval_report([run_a, run_b], "report.html")
 
 A run is an output folder of `nrr eval run` (summary.json plus one samples JSONL per benchmark).
 """
@@ -160,7 +160,7 @@ td:first-child,td:nth-child(2){text-align:left}img{max-width:100%;border:1px sol
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;font-size:12px}"""
 
 
-def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
+def write_eval_report(run_dirs: list[str | Path], output: str | Path) -> Path:
     runs = [load_run(Path(d)) for d in run_dirs]
     plots = _plots(runs)
     figures = "\n".join(

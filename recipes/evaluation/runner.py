@@ -152,9 +152,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     finally:
         pool.close()
     if cfg.report:
-        from recipes.evaluation.report import write_report
+        from recipes.evaluation.report import write_eval_report
 
-        write_report([out / label for label in cfg.models], out / "report.html")
+        write_eval_report([out / label for label in cfg.models], out / "report.html")
     return {"models": summaries}
 
 
@@ -206,9 +206,9 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
     summary["seconds"] = round(time.monotonic() - started, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if cfg.report:
-        from recipes.evaluation.report import write_report
+        from recipes.evaluation.report import write_eval_report
 
-        write_report([out], out / "report.html")
+        write_eval_report([out], out / "report.html")
     return summary
 
 
