@@ -10,7 +10,7 @@ import pytest
 from nemo_curator.tasks import DocumentBatch, EmptyTask
 
 from curator_pipelines.config import (
-    DecontamConfig, DedupConfig, FilterConfig, GenerationConfig, InputConfig, SelectConfig,
+    DecontamConfig, DedupConfig, FilterConfig, TeacherRequestConfig, InputConfig, SelectConfig,
 )
 from curator_pipelines.decontam import build_index
 from curator_pipelines.dedup import exact_duplicates, fuzzy_duplicates
@@ -108,7 +108,7 @@ def _problems_frame(problems) -> pd.DataFrame:
                           "source": "t", "extra": "{}"} for p in problems])
 
 
-def _generate(cfg: GenerationConfig, problems, results: Path) -> pd.DataFrame:
+def _generate(cfg: TeacherRequestConfig, problems, results: Path) -> pd.DataFrame:
     stage = GenerateStage(cfg, str(results), show_progress=False)
     return stage.process(DocumentBatch(dataset_name="t", data=_problems_frame(problems))).to_pandas()
 
@@ -117,7 +117,7 @@ def test_faults_429_500_and_hangs_still_yield_every_record(tmp_path):
     problems = task.train_problems([1, 2], 40, seed=3)
     faults = FaultConfig(rate_429=0.15, rate_500=0.15, rate_hang=0.05, hang_s=3.0, seed=1)
     with TeacherServer(TeacherServerConfig(faults=faults, log_path=str(tmp_path / "log.jsonl"))) as server:
-        cfg = GenerationConfig(base_url=server.base_url, n_samples=2, concurrency=16, timeout_s=0.5,
+        cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=2, concurrency=16, timeout_s=0.5,
                                max_retries=8, backoff_s=0.01, backoff_max_s=0.05)
         df = _generate(cfg, problems, tmp_path / "gen.jsonl")
     assert len(df) == 160 and df["kept"].all() and df["response"].notna().all()
@@ -130,14 +130,14 @@ def test_faults_429_500_and_hangs_still_yield_every_record(tmp_path):
 def test_retries_running_out_give_explicit_failure_records(tmp_path):
     problems = task.train_problems([1], 5, seed=3)
     with TeacherServer(TeacherServerConfig(faults=FaultConfig(rate_500=1.0))) as server:
-        cfg = GenerationConfig(base_url=server.base_url, n_samples=2, max_retries=2, backoff_s=0.01)
+        cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=2, max_retries=2, backoff_s=0.01)
         df = _generate(cfg, problems, tmp_path / "gen.jsonl")
     assert len(df) == 10 and not df["kept"].any()
     assert set(df["drop_reason"]) == {"generation_failed"}
     assert all(e.startswith("HTTP 500") and "after 3 attempts" in e for e in df["gen_error"])
     # failures are asked again on the next run, and then succeed
     with TeacherServer(CLEAN_TEACHER) as server:
-        df = _generate(GenerationConfig(base_url=server.base_url, n_samples=2), problems, tmp_path / "gen.jsonl")
+        df = _generate(TeacherRequestConfig(base_url=server.base_url, n_samples=2), problems, tmp_path / "gen.jsonl")
     assert df["kept"].all()
 
 
@@ -146,7 +146,7 @@ def test_resume_asks_only_for_missing_pairs_and_survives_a_torn_line(tmp_path):
     results = tmp_path / "gen.jsonl"
     log = tmp_path / "log.jsonl"
     with TeacherServer(TeacherServerConfig(log_path=str(log))) as server:
-        cfg = GenerationConfig(base_url=server.base_url, n_samples=2)
+        cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=2)
         first = _generate(cfg, problems[:12], results)
         with open(results, "a") as f:
             f.write('{"problem_id": "torn')  # a writer killed mid-line
@@ -160,7 +160,7 @@ def test_resume_asks_only_for_missing_pairs_and_survives_a_torn_line(tmp_path):
 def test_api_key_comes_from_the_named_env_var_and_is_never_written(tmp_path, monkeypatch):
     problems = task.train_problems([1], 3, seed=5)
     with TeacherServer(CLEAN_TEACHER) as server:
-        cfg = GenerationConfig(base_url=server.base_url, api_key_env="NRR_TEST_TEACHER_KEY", n_samples=1)
+        cfg = TeacherRequestConfig(base_url=server.base_url, api_key_env="NRR_TEST_TEACHER_KEY", n_samples=1)
         with pytest.raises(GenerationError, match="NRR_TEST_TEACHER_KEY"):
             _generate(cfg, problems, tmp_path / "gen.jsonl")
         monkeypatch.setenv("NRR_TEST_TEACHER_KEY", "sk-secret-value-123")
@@ -314,7 +314,7 @@ def test_secret_env_never_in_config_dump(tmp_path):
 
     os.environ["NRR_TEST_KEY_2"] = "sk-another-secret"
     try:
-        cfg = CurateConfig(generation=GenerationConfig(api_key_env="NRR_TEST_KEY_2"))
+        cfg = CurateConfig(generation=TeacherRequestConfig(api_key_env="NRR_TEST_KEY_2"))
         text = save_config(cfg, tmp_path / "c.yaml").read_text()
         assert "NRR_TEST_KEY_2" in text and "sk-another-secret" not in text
     finally:
