@@ -72,12 +72,20 @@ def test_cli_lists_stages():
     assert "task" in out.stdout
 
 
-@pytest.mark.parametrize("stage", ["sft", "grpo", "kd"])
-def test_bad_override_on_a_real_stage_names_the_key(stage):
-    out = subprocess.run([sys.executable, "-m", "recipes.cli", stage, "training.max_stepz=3"],
-                         capture_output=True, text=True)
+@pytest.mark.parametrize("stage,typo,key", [("sft", "training.max_stepz", "training.max_steps"),
+                                             ("grpo", "grpo.stepz", "grpo.steps"),
+                                             ("kd", "training.max_stepz", "training.max_steps")])
+def test_bad_override_on_a_real_stage_names_the_key(stage, typo, key):
+    out = subprocess.run([sys.executable, "-m", "recipes.cli", stage, f"{typo}=3"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert "training.max_stepz" in out.stderr and "did you mean 'training.max_steps'" in out.stderr
+    assert typo in out.stderr and f"did you mean '{key}'" in out.stderr
+
+
+def test_grpo_takes_no_batch_or_length_keys_it_would_ignore():
+    # GRPO's batch is grpo.prompts_per_step x grpo.group_size and its length grpo.steps
+    for override in ("training.max_steps=3", "training.global_batch_size=8"):
+        out = subprocess.run([sys.executable, "-m", "recipes.cli", "grpo", override], capture_output=True, text=True)
+        assert out.returncode == 2 and "unknown key" in out.stderr, override
 
 
 def test_every_stage_has_help():
