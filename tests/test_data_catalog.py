@@ -113,6 +113,19 @@ def test_configs_resolve_datasets_through_one_data_root(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nrr data prepare aime24"):
         load_benchmark(BenchmarkConfig(name="aime24"))
     monkeypatch.delenv(catalog.DATA_ROOT_ENV)
+    # the stages read their config's data_root: evaluation (before any model loads) and curation
+    from recipes.evaluation.config import EvalConfig
+    from recipes.evaluation.runner import run_eval
+
+    with pytest.raises(FileNotFoundError, match=f"{cfg_root}.*aime24"):
+        run_eval(EvalConfig(model="unused", benchmarks=[BenchmarkConfig(name="aime24")], data_root=str(cfg_root),
+                            output_dir=str(tmp_path / "eval"), report=False, progress=False))
+    with pytest.raises(FileNotFoundError, match=f"{cfg_root}.*gsm8k_train"):
+        resolve_paths(load_config(CurateConfig, ROOT / "nemo_configs/curate/gsm8k_sft.yaml",
+                                  [f"data_root={cfg_root}"]), ROOT)
+    only_math = resolve_paths(load_config(CurateConfig, ROOT / "nemo_configs/curate/embedded.yaml",
+                                          [f"data_root={cfg_root}", "decontam.benchmarks=[math500]"]), ROOT)
+    assert build_index(only_math.decontam, only_math.data_root).sizes["math500"] == 1  # cfg_root's one-line copy
 
     # curation: every shipped config finds its input and its decontamination sources by name
     for path in sorted((ROOT / "nemo_configs/curate").glob("*.yaml")):
