@@ -8,6 +8,9 @@ asked again. A pair whose retries run out is written as a failure record with it
 asked again on the next run). The API key is read from the env var the config names and is never
 logged or written.
 
+A reasoning endpoint's thinking, returned apart from the answer (`reasoning_content`,
+`reasoning`), is put back into the think format; the record says which field it came from.
+
 `source: solution` turns human-written solutions (GSM8K) into think-format responses instead.
 """
 
@@ -31,9 +34,11 @@ from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.config import TeacherRequestConfig
 from curator_pipelines.records import log_stage, record_id
-from recipes.chat_template import format_response
+from recipes.chat_template import THINK_CLOSE, THINK_OPEN, format_response
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# where reasoning endpoints put the thinking: the DeepSeek API and older vLLM, then newer vLLM
+REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 class GenerationError(RuntimeError):
@@ -122,6 +127,24 @@ def _retry_delay(cfg: TeacherRequestConfig, attempt: int, retry_after: str | Non
     return delay
 
 
+def response_text(message: dict) -> tuple[str, str | None]:
+    """The response in the project's format, and the message field its thinking came from (None: inline).
+
+    A reasoning endpoint returns the thinking in its own field and only the answer in `content`, with
+    the newlines around the think tags left on either side (vLLM's parsers) or not (the DeepSeek API);
+    `format_response` puts its own. No answer at all means the thinking was never closed (cut at
+    max_tokens), so it stays an open think block for the filters to see.
+    """
+    content = message.get("content") or ""
+    field = next((f for f in REASONING_FIELDS if isinstance(message.get(f), str) and message[f]), None)
+    if field is None or THINK_OPEN in content or THINK_CLOSE in content:
+        return content, None
+    thinking = message[field]
+    if not content:
+        return THINK_OPEN + "\n" + thinking.lstrip("\n"), field
+    return format_response(thinking.strip("\n"), content.strip()), field
+
+
 async def _one(client, cfg: TeacherRequestConfig, url: str, headers: dict, body: dict, rng: random.Random) -> dict:
     """One (problem, sample): the completion, or a failure with the last error after all retries."""
     import httpx
@@ -134,9 +157,11 @@ async def _one(client, cfg: TeacherRequestConfig, url: str, headers: dict, body:
             if resp.status_code == 200:
                 data = resp.json()
                 choice = data["choices"][0]
+                response, reasoning_field = response_text(choice["message"])
                 return {
                     "status": "ok",
-                    "response": choice["message"].get("content") or "",
+                    "response": response,
+                    "reasoning_field": reasoning_field,
                     "finish_reason": choice.get("finish_reason") or "",
                     "teacher_label": choice.get("nrr_defect", data.get("nrr_defect")),
                     "usage": data.get("usage"),
@@ -288,6 +313,7 @@ def results_frame(problems: pd.DataFrame, results: dict[tuple[str, int], dict], 
                 "finish_reason": res.get("finish_reason") if ok else None,
                 "teacher": res.get("teacher"),
                 "teacher_label": res.get("teacher_label"),
+                "reasoning_field": res.get("reasoning_field") if ok else None,
                 "gen_attempts": res.get("attempts"),
                 "gen_error": None if ok else res.get("error"),
                 "kept": ok,

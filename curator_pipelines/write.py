@@ -50,6 +50,8 @@ def corpus_record(row: dict, names: list[str]) -> dict:
     )
     if row.get("teacher_label") is not None:
         rec["teacher_label"] = row["teacher_label"]
+    if isinstance(row.get("reasoning_field"), str):  # the thinking came apart from the answer
+        rec["reasoning_field"] = row["reasoning_field"]
     return rec
 
 

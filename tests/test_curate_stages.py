@@ -1,6 +1,7 @@
 """The curation stages one by one, called directly (no Ray): reading, generation, filters, dedup,
 decontamination, selection, writing. The whole pipeline on Ray is in test_curate_pipeline.py."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,14 +16,16 @@ from curator_pipelines.config import (
 from curator_pipelines.decontam import build_index
 from curator_pipelines.dedup import exact_duplicates, fuzzy_duplicates
 from curator_pipelines.filters import JUDGES, FilterStage, ngram_repetition, parse_response
-from curator_pipelines.generate import GenerateStage, GenerationError, load_results, solution_response
+from curator_pipelines.generate import GenerateStage, GenerationError, load_results, response_text, solution_response
 from curator_pipelines.read import BadRecordError, ReadProblemsStage, read_problems
 from curator_pipelines.select import select, think_off_positions
-from curator_pipelines.write import write_outputs
+from curator_pipelines.write import corpus_record, write_outputs
 from recipes import task
+from recipes.config import load_config
 from recipes.teacher.server import FaultConfig, TeacherServerConfig, TeacherServer
 from recipes.teacher.traces import DefectRates, TraceConfig
 
+TEACHER_YAML = Path(__file__).resolve().parents[1] / "nemo_configs/teacher/embedded.yaml"
 CLEAN_TEACHER = TeacherServerConfig(traces=TraceConfig(self_check_rate=0.0, defects=DefectRates()))
 
 
@@ -168,6 +171,57 @@ def test_api_key_comes_from_the_named_env_var_and_is_never_written(tmp_path, mon
     assert df["kept"].all()
     for f in tmp_path.iterdir():
         assert "sk-secret-value-123" not in f.read_text()
+
+
+def test_reasoning_fields_are_put_back_into_the_think_format():
+    think = "<think>\n2+3;5\n</think>\n\n\\boxed{5}"
+    answer = "\\boxed{5}"
+    # vLLM's parsers keep the newlines around the tags; the DeepSeek API sends the parts bare
+    assert response_text({"content": "\n\n" + answer, "reasoning_content": "\n2+3;5\n"}) == (think, "reasoning_content")
+    assert response_text({"content": answer, "reasoning": "2+3;5", "reasoning_content": None}) == (think, "reasoning")
+    assert response_text({"content": answer, "reasoning_content": "", "reasoning": "2+3;5"}) == (think, "reasoning")
+    assert response_text({"content": think}) == (think, None)
+    # a think block already in content is kept as it is
+    assert response_text({"content": think, "reasoning_content": "2+3;5"}) == (think, None)
+    # cut at max_tokens inside the thinking: no answer (None from vLLM, "" from DeepSeek), an open block
+    assert response_text({"content": None, "reasoning": "\n2+3;"}) == ("<think>\n2+3;", "reasoning")
+    assert response_text({"content": "", "reasoning_content": "2+3;"}) == ("<think>\n2+3;", "reasoning_content")
+    assert response_text({"content": None}) == ("", None)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_endpoints_yield_the_inline_responses(field, tmp_path):
+    problems = task.train_problems([1, 2, 3], 8, seed=7)
+    clean = TeacherServerConfig(traces=TraceConfig(self_check_rate=0.5, spell_out_rate=0.5, defects=DefectRates()))
+    # the defect teacher's responses are also cut short at arbitrary places (finish_reason "length")
+    teachers = {"clean": (clean, 512), "defects": (load_config(TeacherServerConfig, TEACHER_YAML), 48)}
+    for kind, (teacher, max_tokens) in teachers.items():
+        frames = {}
+        for name in (None, field):
+            with TeacherServer(dataclasses.replace(teacher, reasoning_field=name)) as server:
+                cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=3, max_tokens=max_tokens)
+                frames[name] = _generate(cfg, problems, tmp_path / f"{kind}-{name}.jsonl")
+        inline, split = frames[None], frames[field]
+        assert len(split) == 72 and split["kept"].all()
+        assert inline["reasoning_field"].isna().all()
+        pd.testing.assert_series_equal(split["teacher_label"], inline["teacher_label"])
+        if kind == "clean":
+            assert list(split["response"]) == list(inline["response"])  # byte for byte
+            assert (split["reasoning_field"] == field).all()
+            verdicts = [JUDGES["format"](_rec(p, r, ref), FilterConfig())
+                        for p, r, ref in zip(split["problem"], split["response"], split["reference"])]
+            assert verdicts == [(True, 1.0, "")] * 72
+            assert split["response"].nunique() > 24  # several distinct traces per problem, not one answer
+            assert load_results(tmp_path / f"clean-{field}.jsonl")[(problems[0].id, 0)]["reasoning_field"] == field
+            assert corpus_record(split.iloc[0].to_dict(), [])["reasoning_field"] == field
+            assert "reasoning_field" not in corpus_record(inline.iloc[0].to_dict(), [])
+        else:
+            # every finished response is the same, defects included; only a cut right at a think tag
+            # reads differently (as from any reasoning parser), and the truncation filter drops it anyway
+            stop = split["finish_reason"] == "stop"
+            assert list(split["response"][stop]) == list(inline["response"][stop])
+            differ = split["response"] != inline["response"]
+            assert (split["finish_reason"][differ] == "length").all() and stop.sum() > 40
 
 
 def test_gsm8k_solutions_become_think_responses():

@@ -1,6 +1,7 @@
 """The embedded teacher: R1-style traces, labelled defects, the OpenAI-compatible API, faults."""
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -13,8 +14,8 @@ import pytest
 
 from recipes import grader, task
 from recipes.chat_template import format_response, split_response
-from recipes.config import load_config
-from recipes.teacher.server import FaultConfig, TeacherServerConfig, TeacherServer
+from recipes.config import ConfigError, load_config
+from recipes.teacher.server import FaultConfig, TeacherServerConfig, TeacherServer, assistant_message
 from recipes.teacher.traces import RESPONSE_DEFECTS, DefectRates, TraceConfig, make_trace, parse_expression
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,50 @@ def test_http_api_with_the_openai_client(tmp_path):
     assert len(log) == 4 and all(e["defect"] for e in log)  # one line per returned choice
 
 
+def test_assistant_message_moves_the_thinking_to_the_named_field():
+    closed = format_response("2+3;5", "\\boxed{5}")
+    assert assistant_message(closed, None) == {"role": "assistant", "content": closed}
+    assert assistant_message(closed, "reasoning") == {"role": "assistant", "content": "\\boxed{5}", "reasoning": "2+3;5"}
+    # an unclosed (or cut) think block is all reasoning and no answer, as a reasoning parser returns it
+    assert assistant_message("<think>\n2+3;5\n\n\\boxed{5}", "reasoning_content") == {
+        "role": "assistant", "content": None, "reasoning_content": "2+3;5\n\n\\boxed{5}"}
+    assert assistant_message("<think>\n2+3;", "reasoning") == {"role": "assistant", "content": None, "reasoning": "2+3;"}
+    refusal = "I can only solve arithmetic expressions with +, - and *."
+    assert assistant_message(refusal, "reasoning") == {"role": "assistant", "content": refusal}
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_field_answers_like_a_reasoning_endpoint(field, tmp_path):
+    from openai import OpenAI
+
+    cfg = _cfg()
+    cfg.traces.self_check_rate = 0.0
+    cfg.traces.defects = DefectRates()
+    body = {"messages": [{"role": "user", "content": "83-47+5"}], "seed": 0, "n": 2}
+    replies, logs = {}, {}
+    for name in (None, field):
+        run = dataclasses.replace(cfg, reasoning_field=name, log_path=str(tmp_path / f"{name}.jsonl"))
+        with TeacherServer(run) as server:
+            replies[name] = httpx.post(server.base_url + "/chat/completions", json=body).json()
+            if name:  # the OpenAI client hands the extra field through
+                msg = OpenAI(base_url=server.base_url, api_key="unused").chat.completions.create(
+                    model=cfg.model, messages=body["messages"], seed=0).choices[0].message
+                assert msg.content == "\\boxed{41}" and getattr(msg, field) == "83-40-7+5;43-7+5;36+5;41"
+        logs[name] = [{k: v for k, v in json.loads(line).items() if k != "time"}
+                      for line in Path(run.log_path).read_text().splitlines()]
+    inline, split = (replies[None]["choices"], replies[field]["choices"])
+    assert [c["message"] for c in inline] == [{"role": "assistant", "content": format_response(
+        "83-40-7+5;43-7+5;36+5;41", "\\boxed{41}")}] * 2
+    assert [c["message"] for c in split] == [
+        {"role": "assistant", "content": "\\boxed{41}", field: "83-40-7+5;43-7+5;36+5;41"}] * 2
+    # the side channel and the log are the same whatever the message shape
+    assert [c["nrr_defect"] for c in split] == [c["nrr_defect"] for c in inline] == ["none", "exact_duplicate"]
+    assert logs[field][:2] == logs[None] and len(logs[None]) == 2  # (then the OpenAI client's request)
+    assert load_config(TeacherServerConfig, TEACHER_YAML, [f"reasoning_field={field}"]).reasoning_field == field
+    with pytest.raises(ConfigError, match="reasoning_field"):
+        load_config(TeacherServerConfig, TEACHER_YAML, ["reasoning_field=thoughts"])
+
+
 def test_injected_faults():
     cfg = TeacherServerConfig(faults=FaultConfig(rate_429=1.0, retry_after_s=2))
     with TeacherServer(cfg) as server:
@@ -144,13 +189,16 @@ def test_injected_faults():
 
 def test_nrr_teacher_serve_cli():
     proc = subprocess.Popen([sys.executable, "-m", "recipes.cli", "teacher", "serve", "--config", str(TEACHER_YAML),
-                             "port=0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             "port=0", "reasoning_field=reasoning"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         line = proc.stdout.readline()
         assert "listening on" in line, proc.stderr.read()
         url = line.strip().rsplit(" ", 1)[-1]
         assert httpx.get(url + "/models").json()["data"][0]["id"] == "nrr-embedded-teacher"
+        msg = httpx.post(url + "/chat/completions", json={"messages": [{"role": "user", "content": "2+3*4"}],
+                                                          "seed": 0}).json()["choices"][0]["message"]
+        assert msg["content"] == "\\boxed{14}" and msg["reasoning"].endswith(";14")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert "responses by label" in proc.stderr.read()

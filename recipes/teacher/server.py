@@ -5,7 +5,8 @@ pipeline talks to it through the same client code. Each response carries the def
 in a side-channel field (`nrr_defect`, `nrr_defect_injected`, per choice and at the top level) and
 the server appends the same to its log, so tests can score the curation filters against the truth.
 For client tests it also fails on purpose: 429 (with Retry-After), 500, or a hang, for a share of
-requests.
+requests. Like a reasoning endpoint (the DeepSeek API, vLLM with a reasoning parser) it can return the
+thinking in its own message field (`reasoning_field`) and only the answer in `content`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Literal
 
+from recipes.chat_template import THINK_OPEN, split_response
 from recipes.teacher.traces import TraceConfig, make_trace
 
 
@@ -41,6 +44,8 @@ class TeacherServerConfig:
     model: str = "nrr-embedded-teacher"
     latency_s: float = 0.0  # added to every completion (a slower teacher, e.g. to interrupt a run)
     log_path: str | None = None  # JSONL of every request's outcome (the defect labels, faults)
+    # None: the thinking inline in content; else the message field it moves to (DeepSeek API, vLLM)
+    reasoning_field: Literal["reasoning_content", "reasoning"] | None = None
     traces: TraceConfig = dataclasses.field(default_factory=TraceConfig)
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
 
@@ -53,6 +58,16 @@ def _user_message(messages: list) -> str:
                 return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
             return str(content or "")
     return ""
+
+
+def assistant_message(text: str, reasoning_field: str | None) -> dict:
+    """A response as an endpoint returns it: inline, or its thinking in `reasoning_field` and the answer in content."""
+    if reasoning_field is None or not text.startswith(THINK_OPEN):
+        return {"role": "assistant", "content": text}
+    thinking, answer, closed = split_response(text)
+    if not closed:  # cut inside the thinking: all of it is reasoning, no answer (None, as vLLM sends)
+        return {"role": "assistant", "content": None, reasoning_field: text[len(THINK_OPEN):].removeprefix("\n")}
+    return {"role": "assistant", "content": answer, reasoning_field: thinking}
 
 
 class TeacherServer:
@@ -141,7 +156,7 @@ class TeacherServer:
             completion_tokens += len(tokenizer.encode(trace.text))
             choices.append({
                 "index": i,
-                "message": {"role": "assistant", "content": trace.text},
+                "message": assistant_message(trace.text, self.cfg.reasoning_field),
                 "finish_reason": trace.finish_reason,
                 "nrr_defect": trace.defect,
                 "nrr_defect_injected": trace.injected,
