@@ -43,7 +43,6 @@ class ParallelConfig:
     pp: int = 1
     dp: int = 1  # data-parallel replicas; world size = tp * pp * dp
     nodes: int = 1  # processes per node = world size / nodes
-    distributed_optimizer: bool = False  # shard Adam states over DP (large models)
 
 
 @dataclasses.dataclass
@@ -287,9 +286,6 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     if have_te() and cfg.data.packing and cfg.training.micro_batch_size > 1:
         raise ConfigError("with Transformer Engine packed rows run as THD, one row per micro batch: set "
                           "training.micro_batch_size=1 (or data.packing=false)")
-    if cfg.parallel.distributed_optimizer:
-        runtime.print_rank0(f"[{stage}] note: parallel.distributed_optimizer is not wired into the engine's "
-                            "optimizer yet; Adam states stay replicated across DP")
     run_dir = Path(cfg.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     if rank0:
