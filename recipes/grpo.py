@@ -24,6 +24,7 @@ import torch
 from recipes import task
 from recipes import tokenizer as tok
 from recipes.config import ConfigError, resolve_path, save_config
+from recipes.generation.backend import SamplingParams
 from recipes.rl.advantages import group_advantages, informative_groups
 from recipes.rl.losses import LossConfig, policy_loss, reduce_loss
 from recipes.rl.rejection_sampling import RejectionConfig
@@ -143,7 +144,7 @@ class Group:
 def rollout_groups(backend, problems: list[task.Problem], cfg: GRPOConfig, seed: int) -> list[Group]:
     """G sampled responses per problem, scored by the weighted rewards."""
     prompts = [prompt_ids(p) for p in problems]
-    outs = backend.generate(prompts, n=cfg.grpo.group_size, seed=seed)
+    outs = backend.generate(prompts, cfg.rollout.sampling(cfg.grpo.group_size, seed))
     groups = []
     for p, prompt, completions in zip(problems, prompts, outs):
         samples = [Sample(c.text, p.answer, len(c.token_ids), c.truncated, problem=p.question) for c in completions]
@@ -305,8 +306,8 @@ def heldout_accuracy(backend, cfg: HeldoutConfig, max_tokens: int) -> dict[str, 
     n = cfg.samples if cfg.temperature > 0 else 1
     for lvl in cfg.levels:
         problems = task.heldout_problems([lvl], cfg.per_level)
-        comps = backend.generate([prompt_ids(p) for p in problems], n=n, seed=0, max_tokens=max_tokens,
-                                 temperature=cfg.temperature)
+        comps = backend.generate([prompt_ids(p) for p in problems],
+                                 SamplingParams(n=n, temperature=cfg.temperature, max_tokens=max_tokens, seed=0))
         correct = [grade_response(c.text, p.answer).correct
                    for p, group in zip(problems, comps) for c in group]
         out[f"L{lvl}"] = sum(correct) / len(correct)
@@ -364,7 +365,7 @@ def train(cfg: GRPOConfig) -> dict:
     from recipes.megatron import checkpointing, providers, runtime, train_step
     from recipes.metrics import MetricsLogger, progress
     from recipes.rl.refit import refit, write_engine_dir
-    from recipes.rl.rollout import make_backend
+    from recipes.rl.rollout import start_engine
     from recipes.trainer import build_model_and_optimizer
 
     check_config(cfg)
@@ -392,7 +393,7 @@ def train(cfg: GRPOConfig) -> dict:
     if rank0:
         save_config(cfg, run_dir / "config.yaml")
         engine_dir = write_engine_dir(hf, run_dir / "engine")
-    backend = make_backend(cfg.rollout, engine_dir, max_model_len=int(hf.get("max_position_embeddings", 512)),
+    backend = start_engine(cfg.rollout, engine_dir, max_model_len=int(hf.get("max_position_embeddings", 512)),
                            seed=cfg.training.seed, in_process=runtime.world_size() == 1) if rank0 else None
     refit(backend, chunks, hf)
 

@@ -155,12 +155,11 @@ def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_eva
     from curator_pipelines.filters import judge_correctness, parse_response
     from curator_pipelines.config import FilterConfig
     from recipes import task
-    from recipes.evaluation.backends import Completion
+    from recipes.generation import Completion
     from recipes.evaluation.config import GenerationConfig
     from recipes.evaluation.runner import build_record
     from recipes.grpo import HeldoutConfig, heldout_accuracy
     from recipes.rl.rewards import RewardsConfig, Sample, accuracy
-    from recipes.rl.rollout import Completion as RolloutCompletion
 
     problems = task.heldout_problems([2], 4)
 
@@ -170,9 +169,9 @@ def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_eva
         def __init__(self, template: str):
             self.template = template
 
-        def generate(self, prompts, n, seed, max_tokens, temperature):
+        def generate(self, prompts, params):
             assert len(prompts) == len(problems)
-            return [[RolloutCompletion([], self.template.format(A=p.answer, W=int(p.answer) + 1), "stop")] * n
+            return [[Completion([], self.template.format(A=p.answer, W=int(p.answer) + 1), "stop")] * params.n
                     for p in problems]
 
     for template, expected in CUT_CASES:
@@ -183,7 +182,7 @@ def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_eva
                 judge_correctness({**parse_response(text), "reference": p.answer}, FilterConfig())[0])
             verdicts.setdefault("reward", set()).add(accuracy(Sample(response=text, answer=p.answer), RewardsConfig()) == 1.0)
             record = build_record({"id": p.id, "benchmark": "embedded", "problem": p.question, "answer": p.answer}, 0,
-                                  Completion(text, 10, "stop"), GenerationConfig(), lambda s: len(s), 5.0)
+                                  Completion([], text, "stop", num_tokens=10), GenerationConfig(), lambda s: len(s), 5.0)
             verdicts.setdefault("evaluation", set()).add(record["is_correct"])
         heldout = heldout_accuracy(ScriptedEngine(template), HeldoutConfig(levels=[2], per_level=4), 64)["L2"]
         verdicts["grpo_heldout"] = {heldout == 1.0} if heldout in (0.0, 1.0) else {None}

@@ -132,28 +132,30 @@ def test_loop_runs_and_resume_replays_exactly(tmp_path):
 def test_completion_keeps_think_tags_and_cuts_at_eos():
     from recipes import tokenizer as tok
     from recipes.rl.rewards import RewardsConfig, Sample, format_reward
-    from recipes.rl.rollout import _completion
+    from recipes.generation.backend import to_completion
 
     text = ct.format_response("1+2;3", "\\boxed{3}")
     ids = tok.encode(text) + [tok.eos_id()] + tok.encode("junk")
-    c = _completion(ids, max_tokens=100)
+    c = to_completion(ids, {tok.eos_id()}, 100, tok.decode)
     assert c.text == text and c.finish_reason == "stop" and c.token_ids[-1] == tok.eos_id()
+    assert c.num_tokens == len(tok.encode(text)) + 1
     assert format_reward(Sample(c.text), RewardsConfig()) == 1.0
-    cut = _completion(tok.encode(text)[:5], max_tokens=5)
+    cut = to_completion(tok.encode(text)[:5], {tok.eos_id()}, 5, tok.decode)
     assert cut.truncated and len(cut.token_ids) == 5
 
 
 def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
     """pass@1 with samples is the mean over every sampled response (hand-counted on scripted completions)."""
     from recipes.grpo import HeldoutConfig, heldout_accuracy
-    from recipes.rl.rollout import Completion
+    from recipes.generation import Completion
 
     class ScriptedEngine:  # answers the i-th sample of every problem correctly when i < right[level]
         def __init__(self, right):
             self.right, self.calls = right, []
 
-        def generate(self, prompts, n, seed, max_tokens=None, temperature=None):
-            self.calls.append((len(prompts), n, temperature))
+        def generate(self, prompts, params):
+            n = params.n
+            self.calls.append((len(prompts), n, params.temperature))
             out = []
             for ids in prompts:
                 p = next(p for p in problems if list(p_ids[p.id]) == ids)

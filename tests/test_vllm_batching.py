@@ -1,8 +1,8 @@
-"""The seeding and chunking rules of recipes.vllm_batching, against hand-worked cases."""
+"""The seeding and chunking rules of recipes.generation.vllm_batching, against hand-worked cases."""
 
 from types import SimpleNamespace
 
-from recipes.vllm_batching import prefill_chunks, prompt_seed
+from recipes.generation.vllm_batching import prefill_chunks, prompt_seed
 
 
 def _llm(max_tokens: int, max_seqs: int):

@@ -22,14 +22,15 @@ def rollout_throughput(backend_name: str, chunks, hf: dict, engine_dir: Path, pr
                        max_tokens: int) -> dict:
     """Sampled tokens per second of one backend, after a refit and one warm-up call."""
     from recipes.rl.refit import refit
-    from recipes.rl.rollout import RolloutConfig, make_backend
+    from recipes.rl.rollout import RolloutConfig, start_engine
 
-    backend = make_backend(RolloutConfig(backend=backend_name, max_tokens=max_tokens), engine_dir,
+    cfg = RolloutConfig(backend=backend_name, max_tokens=max_tokens)
+    backend = start_engine(cfg, engine_dir,
                            max_model_len=int(hf.get("max_position_embeddings", 512)))
     refit_s = refit(backend, chunks, hf)
-    backend.generate(prompts[:2], n=2, seed=123)  # warm-up
+    backend.generate(prompts[:2], cfg.sampling(2, seed=123))  # warm-up
     start = time.perf_counter()
-    outs = backend.generate(prompts, n=n, seed=0)
+    outs = backend.generate(prompts, cfg.sampling(n, seed=0))
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for group in outs for c in group)
     backend.close()

@@ -1,4 +1,4 @@
-"""Evaluation of reasoning: benchmarks, generation backends, metrics and the HTML report.
+"""Evaluation of reasoning: benchmarks, metrics and the HTML report.
 
     from recipes.evaluation import evaluate_model, run_eval
     summary = evaluate_model("outputs/sft/hf", benchmark="embedded", levels=[1, 2, 3], backend="hf")

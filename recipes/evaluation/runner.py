@@ -16,7 +16,7 @@ from pathlib import Path
 from recipes import grader
 from recipes.chat_template import render_prompt, split_response
 from recipes.config import save_config
-from recipes.evaluation import backends
+from recipes.generation import Completion, SamplingParams, make_backend as start_backend
 from recipes.evaluation.benchmarks import default_instruction, load_benchmark
 from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig
 from recipes.evaluation.metrics import reflection_count, summarize
@@ -51,19 +51,18 @@ def resolve_model(model: str, output_dir: Path, init_seed: int = 1234) -> str:
 def make_backend(cfg: EvalConfig, model_dir: str):
     g = cfg.generation
     if g.backend == "hf":
-        return backends.HFBackend(model_dir, dtype=g.dtype, batch_size=max(g.batch_size, g.k))
-    if g.backend == "vllm":
-        return backends.VLLMBackend(model_dir, dtype=g.dtype, max_model_len=g.max_model_len, seed=g.seed)
+        return start_backend("hf", model_dir, dtype=g.dtype, batch_size=max(g.batch_size, g.k))
+    if g.backend == "vllm":  # in a worker process: the caller may itself be a trainer or a test
+        return start_backend("vllm-worker", model_dir, dtype=g.dtype, max_model_len=g.max_model_len, seed=g.seed,
+                             gpu_memory_utilization=0.85)
     if g.backend == "openai":
-        if not g.base_url:
-            raise ValueError("generation.base_url is required for the openai backend")
         tok_dir = cfg.model if Path(cfg.model).is_dir() else None
-        return backends.OpenAIBackend(g.base_url, cfg.model, g.api_key_env, g.max_concurrency, g.request_timeout,
-                                      tok_dir)
+        return start_backend("openai", cfg.model, base_url=g.base_url, api_key_env=g.api_key_env,
+                             max_concurrency=g.max_concurrency, timeout=g.request_timeout, tokenizer_dir=tok_dir)
     raise ValueError(f"unknown backend '{g.backend}'")
 
 
-def build_record(problem: dict, sample_idx: int, comp: backends.Completion, g: GenerationConfig, count_tokens,
+def build_record(problem: dict, sample_idx: int, comp: Completion, g: GenerationConfig, count_tokens,
                  grade_timeout: float) -> dict:
     result = grader.grade_response(comp.text, problem["answer"], timeout=grade_timeout)
     thinking, _, closed = split_response(comp.text)
@@ -120,8 +119,8 @@ class BackendPool:
 
     def get(self, model_dir: str):
         if self.backend is not None and model_dir != self.model_dir:
-            if isinstance(self.backend, backends.VLLMBackend) and self.backend.swaps_weights(self.model_dir, model_dir):
-                self.backend.load_weights(model_dir)
+            if hasattr(self.backend, "swaps_weights") and self.backend.swaps_weights(self.model_dir, model_dir):
+                self.backend.load_folder(model_dir)
             else:
                 self.close()
         if self.backend is None:
@@ -165,8 +164,8 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     g = cfg.generation
-    params = backends.SamplingParams(n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-                                     seed=g.seed)
+    params = SamplingParams(n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
+                             seed=g.seed)
     if not cfg.benchmarks:
         raise ValueError("no benchmarks configured (benchmarks: [{name: math500, limit: 50}, ...])")
     labels = [_label(b) for b in cfg.benchmarks]

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from recipes.rl.rollout import RolloutBackend
+from recipes.generation.backend import RefitBackend
 
 
 def write_engine_dir(hf_config: dict, out_dir: str | Path) -> Path:
@@ -26,7 +26,7 @@ def write_engine_dir(hf_config: dict, out_dir: str | Path) -> Path:
     return out
 
 
-def refit(backend: RolloutBackend | None, model_chunks: list, hf_config: dict) -> float:
+def refit(backend: RefitBackend | None, model_chunks: list, hf_config: dict) -> float:
     """Load the policy's current weights into `backend` (None on ranks without an engine). Returns seconds."""
     from recipes.megatron.hf_mapping import iter_hf_weights
 

@@ -52,7 +52,7 @@ def run(cfg) -> dict:
     from recipes.megatron.hf_checkpoint import load_pretrained
     from recipes.megatron import providers, runtime
     from recipes.rl.refit import refit, write_engine_dir
-    from recipes.rl.rollout import make_backend, prompt_ids
+    from recipes.rl.rollout import prompt_ids, start_engine
     from recipes.config import resolve_path
     from recipes.data.trace_record import write_records
 
@@ -63,12 +63,12 @@ def run(cfg) -> dict:
     if cfg.model.init_checkpoint:
         load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
     run_dir = Path(cfg.output_dir)
-    backend = make_backend(cfg.rollout, write_engine_dir(hf, run_dir / "engine"),
+    backend = start_engine(cfg.rollout, write_engine_dir(hf, run_dir / "engine"),
                            max_model_len=int(hf.get("max_position_embeddings", 512)), seed=cfg.training.seed)
     refit(backend, chunks, hf)
     problems = task.train_problems(cfg.prompts.levels, opts.problems_per_level, seed=cfg.prompts.seed + 7)
     n = opts.samples_per_problem
-    outs = backend.generate([prompt_ids(p) for p in problems], n=n, seed=cfg.training.seed)
+    outs = backend.generate([prompt_ids(p) for p in problems], cfg.rollout.sampling(n, cfg.training.seed))
     provenance = {"policy": str(cfg.model.init_checkpoint or "random-init"), "samples_per_problem": n,
                   "temperature": cfg.rollout.temperature, "seed": cfg.training.seed}
     records, solved = [], 0

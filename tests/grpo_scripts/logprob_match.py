@@ -30,7 +30,7 @@ def main() -> None:
     from recipes import tokenizer as tok
     from recipes.megatron import providers, runtime, train_step
     from recipes.rl.refit import refit, write_engine_dir
-    from recipes.rl.rollout import RolloutConfig, make_backend
+    from recipes.rl.rollout import RolloutConfig, start_engine
 
     torch.set_num_threads(1 if args.tp > 1 else 2)
     runtime.init_distributed(args.tp, 1, seed=0)
@@ -57,7 +57,7 @@ def main() -> None:
     backend = None
     if rank0:
         cfg = RolloutConfig(backend=args.backend, kv_cache_mb=64, cpu_threads=1)
-        backend = make_backend(cfg, write_engine_dir(hf, out_dir / "engine"), in_process=runtime.world_size() == 1)
+        backend = start_engine(cfg, write_engine_dir(hf, out_dir / "engine"), in_process=runtime.world_size() == 1)
     seconds = refit(backend, chunks, hf)
     megatron_lp = train_step.logprobs_of(chunks, tokens)  # collective: every rank
     if rank0:
