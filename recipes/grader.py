@@ -33,7 +33,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from recipes.chat_template import split_response
+from recipes.response_format import split_response
 
 # Longest answer the grader compares; longer text is no answer a benchmark has.
 MAX_ANSWER_CHARS = 2_000
@@ -634,7 +634,7 @@ def grade_with_method(predicted: str | None, reference, timeout: float = 5.0) ->
 
 
 def final_answer(response: str | None, last_number: bool = False) -> str | None:
-    """The final answer of a raw model response: its answer part (`chat_template.split_response`, the one cut at
+    """The final answer of a raw model response: its answer part (`response_format.split_response`, the one cut at
     the think block; an unclosed block has none), then `extract_answer`."""
     _, answer_part, _ = split_response(response or "")
     return extract_answer(answer_part, last_number=last_number)

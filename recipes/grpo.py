@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 
 from recipes import task
-from recipes import tokenizer as tok
 from recipes.config import ConfigError, resolve_path, save_config
 from recipes.generation.backend import SamplingParams
 from recipes.rl.advantages import group_advantages, informative_groups
 from recipes.rl.losses import LossConfig, policy_loss, reduce_loss
 from recipes.rl.rejection_sampling import RejectionConfig
 from recipes.rl.rewards import RewardsConfig, Sample, check_weights, score
-from recipes.rl.rollout import RolloutConfig, prompt_ids
+from recipes.rl.rollout import RolloutConfig
 from recipes.stages import STAGES
 from recipes.trainer import CheckpointConfig, LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig, run_stage
 
@@ -42,9 +41,14 @@ DEFAULT_CONFIG = STAGES["grpo"].default_config
 
 @dataclasses.dataclass
 class PromptsConfig:
-    levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3])  # where the SFT policy sometimes succeeds
-    level_weights: list[float] | None = None  # mix of levels (default: uniform)
-    pool_per_level: int = 2000  # train-split problems per level to sample from
+    # a prompt set (file or folder: GSM8K, MATH, a code set with tests; recipes.data.schemas); None: the embedded task
+    dataset: str | None = None
+    schema: str = "auto"  # the dataset's schema (gsm8k, math, code, prompt)
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)  # schema field -> the dataset's column
+    limit: int | None = None  # the dataset's first N prompts
+    levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3])  # embedded task: where SFT sometimes succeeds
+    level_weights: list[float] | None = None  # embedded task: mix of levels (default: uniform)
+    pool_per_level: int = 2000  # embedded task: train-split problems per level to sample from
     seed: int = 0
 
 
@@ -118,15 +122,38 @@ def check_config(cfg: GRPOConfig) -> None:
 # ------------------------------------------------------------------------------ prompts and rollouts
 
 
+def read_prompt_set(cfg: PromptsConfig) -> list[dict]:
+    """Prompts as {id, problem, answer, tests, level}: the embedded task's train split, or a prompt dataset."""
+    if cfg.dataset is None:
+        return [{**p.to_dict(), "tests": None} for lvl in cfg.levels
+                for p in task.generate(lvl, cfg.pool_per_level, seed=cfg.seed)]
+    from recipes.data.schemas import DatasetSource, read_prompts
+
+    out = []
+    source = DatasetSource(str(resolve_path(cfg.dataset)), schema=cfg.schema, fields=dict(cfg.fields))
+    for _, p in read_prompts(source):
+        if cfg.limit is not None and len(out) >= cfg.limit:
+            break
+        out.append({"id": p["id"], "problem": p["problem"], "answer": p["reference"], "tests": p.get("tests"),
+                    "level": None})
+    if not out:
+        raise ConfigError(f"prompts.dataset: {cfg.dataset} holds no prompts")
+    return out
+
+
 class PromptSampler:
     """Prompts for (step, refill round) as a pure function of the seed: resuming at step k replays step k."""
 
     def __init__(self, cfg: PromptsConfig):
         self.cfg = cfg
-        self.pools = {lvl: task.generate(lvl, cfg.pool_per_level, seed=cfg.seed) for lvl in cfg.levels}
+        prompts = read_prompt_set(cfg)
+        self.pools = {lvl: [p for p in prompts if p["level"] == lvl] for lvl in cfg.levels} \
+            if cfg.dataset is None else {None: prompts}
 
-    def batch(self, step: int, n: int, round_: int = 0) -> list[task.Problem]:
+    def batch(self, step: int, n: int, round_: int = 0) -> list[dict]:
         rng = random.Random(f"{self.cfg.seed}:{step}:{round_}")
+        if self.cfg.dataset is not None:
+            return [rng.choice(self.pools[None]) for _ in range(n)]
         levels = rng.choices(self.cfg.levels, weights=self.cfg.level_weights, k=n)
         return [rng.choice(self.pools[lvl]) for lvl in levels]
 
@@ -141,27 +168,30 @@ class Group:
     parts: dict[str, list[float]]
 
 
-def rollout_groups(backend, problems: list[task.Problem], cfg: GRPOConfig, seed: int) -> list[Group]:
+def rollout_groups(backend, tokenizer, problems: list[dict], cfg: GRPOConfig, seed: int) -> list[Group]:
     """G sampled responses per problem, scored by the weighted rewards."""
-    prompts = [prompt_ids(p) for p in problems]
+    prompts = [tokenizer.prompt_ids(p["problem"]) for p in problems]
     outs = backend.generate(prompts, cfg.rollout.sampling(cfg.grpo.group_size, seed))
     groups = []
     for p, prompt, completions in zip(problems, prompts, outs):
-        samples = [Sample(c.text, p.answer, len(c.token_ids), c.truncated, problem=p.question) for c in completions]
+        samples = [Sample(tokenizer.response_text(c.text), p["answer"], len(c.token_ids), c.truncated,
+                          tests=p.get("tests"), problem=p["problem"]) for c in completions]
         rewards, parts = score(samples, cfg.rewards)
-        groups.append(Group(p.to_dict(), prompt, [c.token_ids for c in completions],
+        groups.append(Group(p, prompt, [c.token_ids for c in completions],
                             [c.truncated for c in completions], rewards, parts))
     return groups
 
 
-def sample_step(backend, sampler: PromptSampler, cfg: GRPOConfig, step: int) -> tuple[list[Group], dict]:
+def sample_step(backend, tokenizer, sampler: PromptSampler, cfg: GRPOConfig,
+                step: int) -> tuple[list[Group], dict]:
     """One step's groups; with dynamic sampling, all-equal groups are dropped and more prompts drawn."""
     g = cfg.grpo
     kept: list[Group] = []
     seen: list[Group] = []
     for round_ in range(g.max_refill_rounds + 1 if g.dynamic_sampling else 1):
         problems = sampler.batch(step, g.prompts_per_step, round_)
-        groups = rollout_groups(backend, problems, cfg, seed=cfg.training.seed * 100_003 + step * 101 + round_)
+        groups = rollout_groups(backend, tokenizer, problems, cfg,
+                                seed=cfg.training.seed * 100_003 + step * 101 + round_)
         seen += groups
         if not g.dynamic_sampling:
             kept = groups
@@ -180,13 +210,13 @@ def sample_step(backend, sampler: PromptSampler, cfg: GRPOConfig, step: int) -> 
 # ------------------------------------------------------------------------------ batch and loss
 
 
-def build_batch(groups: list[Group], std_normalize: bool) -> dict[str, torch.Tensor]:
+def build_batch(groups: list[Group], std_normalize: bool, pad_id: int) -> dict[str, torch.Tensor]:
     """Rows prompt+response padded to one length; loss_mask marks positions whose next token is a response token."""
     adv = group_advantages(torch.tensor([gr.rewards for gr in groups], dtype=torch.float32), std_normalize)
     rows = [(gr.prompt, resp) for gr in groups for resp in gr.responses]
     s = max(len(p) + len(r) for p, r in rows)
     s = (s + 7) // 8 * 8
-    tokens = torch.full((len(rows), s), tok.pad_id(), dtype=torch.long)
+    tokens = torch.full((len(rows), s), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), s)
     for i, (p, r) in enumerate(rows):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
@@ -297,18 +327,18 @@ def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, same_
 # ------------------------------------------------------------------------------ evaluation
 
 
-def heldout_accuracy(backend, cfg: HeldoutConfig, max_tokens: int) -> dict[str, float]:
-    """pass@1 per level on the fixed held-out split (rank 0, through the rollout engine): greedy, or the mean
-    over `cfg.samples` responses sampled at `cfg.temperature`."""
+def heldout_accuracy(backend, tokenizer, cfg: HeldoutConfig, max_tokens: int) -> dict[str, float]:
+    """pass@1 per level on the embedded task's fixed held-out split (rank 0, through the rollout engine): greedy,
+    or the mean over `cfg.samples` responses sampled at `cfg.temperature`."""
     from recipes.grader import grade_response
 
     out = {}
     n = cfg.samples if cfg.temperature > 0 else 1
     for lvl in cfg.levels:
         problems = task.heldout_problems([lvl], cfg.per_level)
-        comps = backend.generate([prompt_ids(p) for p in problems],
+        comps = backend.generate([tokenizer.prompt_ids(p.question) for p in problems],
                                  SamplingParams(n=n, temperature=cfg.temperature, max_tokens=max_tokens, seed=0))
-        correct = [grade_response(c.text, p.answer).correct
+        correct = [grade_response(tokenizer.response_text(c.text), p.answer).correct
                    for p, group in zip(problems, comps) for c in group]
         out[f"L{lvl}"] = sum(correct) / len(correct)
     out["mean"] = sum(out.values()) / len(cfg.levels)
@@ -366,10 +396,11 @@ def train(cfg: GRPOConfig) -> dict:
     from recipes.metrics import MetricsLogger, progress
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import start_engine
-    from recipes.trainer import build_model_and_optimizer
+    from recipes.trainer import build_model_and_optimizer, model_tokenizer
 
     check_config(cfg)
     g = cfg.grpo
+
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.set_float32_matmul_precision(cfg.training.matmul_precision)
@@ -378,6 +409,7 @@ def train(cfg: GRPOConfig) -> dict:
     run_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
     updates = g.steps * g.minibatches * g.epochs
     hf, chunks, optimizer, scheduler = build_model_and_optimizer(cfg, updates)
+    tokenizer = model_tokenizer(cfg.model, int(hf["vocab_size"]))
     if cfg.model.init_checkpoint:
         load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
     ref_chunks = None
@@ -392,7 +424,7 @@ def train(cfg: GRPOConfig) -> dict:
         runtime.print_rank0(f"[grpo] resumed from {ckpt_dir} at step {start}")
     if rank0:
         save_config(cfg, run_dir / "config.yaml")
-        engine_dir = write_engine_dir(hf, run_dir / "engine")
+        engine_dir = write_engine_dir(hf, run_dir / "engine", tokenizer)
     backend = start_engine(cfg.rollout, engine_dir, max_model_len=int(hf.get("max_position_embeddings", 512)),
                            seed=cfg.training.seed, in_process=runtime.world_size() == 1) if rank0 else None
     refit(backend, chunks, hf)
@@ -402,7 +434,7 @@ def train(cfg: GRPOConfig) -> dict:
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, enabled=rank0)
     summary: dict = {"start_step": start}
     if rank0 and start == 0:
-        summary["eval_before"] = heldout_accuracy(backend, cfg.eval, cfg.rollout.max_tokens)
+        summary["eval_before"] = heldout_accuracy(backend, tokenizer, cfg.eval, cfg.rollout.max_tokens)
         logger.log(0, summary["eval_before"], prefix="eval/")
     t_run = time.time()
     done = start
@@ -413,7 +445,7 @@ def train(cfg: GRPOConfig) -> dict:
         for step in range(start, g.steps):
             # 1. rollouts on rank 0, shared with every rank
             t0 = time.time()
-            sampled = [sample_step(backend, sampler, cfg, step) if rank0 else None]
+            sampled = [sample_step(backend, tokenizer, sampler, cfg, step) if rank0 else None]
             if runtime.world_size() > 1:
                 torch.distributed.broadcast_object_list(sampled, src=0)
             groups, sample_stats = sampled[0]
@@ -421,7 +453,7 @@ def train(cfg: GRPOConfig) -> dict:
 
             # 2. behaviour (and reference) log-probs, recomputed by the trainer
             t0 = time.time()
-            batch = build_batch(groups, g.std_normalize)
+            batch = build_batch(groups, g.std_normalize, tokenizer.pad_id)
             n = batch["tokens"].shape[0]
             per_update = n // g.minibatches
             orders = [torch.randperm(n, generator=torch.Generator().manual_seed(step * 1000 + epoch)).tolist()
@@ -460,18 +492,18 @@ def train(cfg: GRPOConfig) -> dict:
             t_refit = refit(backend, chunks, hf)
 
             done = step + 1
-            metrics = step_metrics(groups, batch, loss_stats, reports, sample_stats)
+            metrics = step_metrics(groups, batch, loss_stats, reports, sample_stats, tokenizer)
             metrics.update(gen_seconds=t_gen, train_seconds=t_train, refit_seconds=t_refit,
                            step_seconds=t_gen + t_train + t_refit)
             logger.log(done, metrics)
             bar.update(bar_task, completed=done, info=f"reward {metrics['reward/mean']:.3f} "
                                                      f"acc {metrics['accuracy']:.2f}")
             if rank0 and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < g.steps:
-                logger.log(done, heldout_accuracy(backend, cfg.eval, cfg.rollout.max_tokens), prefix="eval/")
+                logger.log(done, heldout_accuracy(backend, tokenizer, cfg.eval, cfg.rollout.max_tokens), prefix="eval/")
             if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < g.steps:
                 checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
                                               extra={"rng": runtime.rng_state(), "prompt_step": done},
-                                              keep_last=cfg.checkpoint.keep_last)
+                                              keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer.folder)
             if g.max_minutes and _out_of_time(t_run, g.max_minutes):
                 runtime.print_rank0(f"[grpo] time budget of {g.max_minutes} min reached after step {done}")
                 break
@@ -479,9 +511,9 @@ def train(cfg: GRPOConfig) -> dict:
     if done > start or checkpointing.latest_step(ckpt_dir) != done:
         checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
                                       extra={"rng": runtime.rng_state(), "prompt_step": done},
-                                      keep_last=cfg.checkpoint.keep_last)
+                                      keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer.folder)
     if rank0:
-        summary["eval_after"] = heldout_accuracy(backend, cfg.eval, cfg.rollout.max_tokens)
+        summary["eval_after"] = heldout_accuracy(backend, tokenizer, cfg.eval, cfg.rollout.max_tokens)
         logger.log(done, summary["eval_after"], prefix="eval/")
         logger.close()
         summary["reward_curve"] = str(plot_reward_curve(run_dir))
@@ -500,7 +532,8 @@ def _out_of_time(t_start: float, minutes: float) -> bool:
     return bool(stop.item())
 
 
-def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: list, sample_stats: dict) -> dict:
+def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: list, sample_stats: dict,
+                 tokenizer) -> dict:
     # clip fraction, KL and entropy are over the tokens that were trained (rows of all-equal groups are skipped)
     rewards = torch.tensor([r for gr in groups for r in gr.rewards])
     lengths = torch.tensor([float(len(r)) for gr in groups for r in gr.responses])
@@ -522,8 +555,9 @@ def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: li
     else:
         from recipes.grader import grade_response
 
-        texts = [(tok.decode([t for t in r if t != tok.eos_id()]), gr.problem["answer"]) for gr in groups
-                 for r in gr.responses]
+        stops = set(tokenizer.stop_ids)
+        texts = [(tokenizer.response_text(tokenizer.decode([t for t in r if t not in stops])), gr.problem["answer"])
+                 for gr in groups for r in gr.responses]
         m["accuracy"] = sum(grade_response(text, answer).correct for text, answer in texts) / len(rewards)
     return m
 
@@ -558,11 +592,25 @@ def with_generation_budget(cfg: GRPOConfig) -> GRPOConfig:
 def run(cfg: GRPOConfig) -> None:
     cfg = with_generation_budget(cfg)
     if cfg.mode == "rejection_sample":
-        from recipes.rl.rejection_sampling import run as rejection_sample
-
         rejection_sample(cfg)
     else:
         train(cfg)
+
+
+def rejection_sample(cfg: GRPOConfig) -> dict:
+    """Sample the policy on train prompts (the embedded task's, or prompts.dataset's) and keep verified answers."""
+    from recipes.megatron.providers import load_hf_config
+    from recipes.rl import rejection_sampling
+    from recipes.trainer import architecture, model_tokenizer
+
+    hf = load_hf_config(architecture(cfg.model))
+    tokenizer = model_tokenizer(cfg.model, int(hf["vocab_size"]))
+    if cfg.prompts.dataset is None:
+        problems = [{**p.to_dict(), "tests": None} for p in task.train_problems(
+            cfg.prompts.levels, cfg.rejection.problems_per_level, seed=cfg.prompts.seed + 7)]
+    else:
+        problems = read_prompt_set(cfg.prompts)
+    return rejection_sampling.run(cfg, hf, tokenizer, problems)
 
 
 def _main() -> int:

@@ -141,16 +141,21 @@ class Teacher:
     def build(self) -> None:
         from recipes.megatron.hf_checkpoint import load_pretrained
         from recipes.megatron import providers
-        from recipes.trainer import model_dtype
+        from recipes.trainer import ModelConfig, architecture, model_dtype, model_tokenizer
 
-        t_hf = providers.load_hf_config(resolve_path(self.cfg.teacher.hf_config))
-        s_hf = providers.load_hf_config(resolve_path(self.cfg.model.hf_config))
-        tp, pp = self.cfg.parallel.tp, self.cfg.parallel.pp
-        if providers.padded_vocab_size(t_hf, tp) != providers.padded_vocab_size(s_hf, tp):
-            raise ConfigError(f"teacher.hf_config: vocab_size {t_hf['vocab_size']} differs from the student's "
-                              f"{s_hf['vocab_size']}: logit KD needs one tokenizer and vocabulary")
         if not self.cfg.teacher.checkpoint:
             raise ConfigError("teacher.checkpoint: set the teacher's Megatron checkpoint dir")
+        teacher = ModelConfig(hf_config=self.cfg.teacher.hf_config, init_checkpoint=self.cfg.teacher.checkpoint)
+        t_hf = providers.load_hf_config(architecture(teacher))
+        s_hf = providers.load_hf_config(architecture(self.cfg.model))
+        tp, pp = self.cfg.parallel.tp, self.cfg.parallel.pp
+        if providers.padded_vocab_size(t_hf, tp) != providers.padded_vocab_size(s_hf, tp):
+            raise ConfigError(f"teacher: vocab_size {t_hf['vocab_size']} differs from the student's "
+                              f"{s_hf['vocab_size']}: logit KD needs one tokenizer and vocabulary")
+        t_tok, s_tok = model_tokenizer(teacher), model_tokenizer(self.cfg.model)
+        if t_tok.hf.get_vocab() != s_tok.hf.get_vocab():
+            raise ConfigError(f"teacher.checkpoint: its tokenizer ({t_tok.folder}) is not the student's "
+                              f"({s_tok.folder}): logit KD compares distributions over one vocabulary")
         self.chunks = providers.build_model(t_hf, tp, pp, seed=self.cfg.training.seed, ddp=False,
                                             dtype=model_dtype(self.cfg))
         load_pretrained(self.chunks, resolve_path(self.cfg.teacher.checkpoint))

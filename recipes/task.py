@@ -220,6 +220,6 @@ def answer_text(answer: str) -> str:
 
 def assistant_response(problem: Problem, think: bool = True, spell_out: bool = False) -> str:
     """The canonical assistant message: '<think>\\nsteps\\n</think>\\n\\n\\boxed{N}' (or no-think)."""
-    from recipes.chat_template import format_response
+    from recipes.response_format import format_response
 
     return format_response(cot_text(problem, spell_out) if think else None, answer_text(problem.answer))

@@ -33,8 +33,45 @@ TINY_STUDENT = "recipes/assets/models/tiny-qwen2/config.json"
 
 @dataclasses.dataclass
 class ModelConfig:
-    hf_config: str = TINY_STUDENT  # HF config.json of the architecture
+    # HF config.json of the architecture, used when init_checkpoint is unset (a checkpoint brings its own)
+    hf_config: str | None = TINY_STUDENT
     init_checkpoint: str | None = None  # Megatron checkpoint or HF folder to start from (else random init)
+    # a folder with the tokenizer files; None: init_checkpoint's tokenizer, else the one beside hf_config
+    tokenizer: str | None = None
+
+
+def architecture(model: ModelConfig) -> Path:
+    """The HF config the model is built from: init_checkpoint's own (an HF folder's config.json, a Megatron
+    checkpoint's hf_config.json) when it has one, else model.hf_config."""
+    if model.init_checkpoint:
+        init = resolve_path(model.init_checkpoint)
+        for name in ("config.json", "hf_config.json"):
+            if (init / name).is_file():
+                return init / name
+        if not init.exists():
+            raise ConfigError(f"model.init_checkpoint: {init} does not exist")
+    if not model.hf_config:
+        raise ConfigError("model.hf_config is required when model.init_checkpoint has no config.json / "
+                          "hf_config.json")
+    return resolve_path(model.hf_config)
+
+
+def model_tokenizer(model: ModelConfig, vocab_size: int | None = None):
+    """The model's own tokenizer and chat template (`recipes.tokenizer.ChatTokenizer`): model.tokenizer, else
+    init_checkpoint's (an HF folder, or a Megatron checkpoint's tokenizer/), else the folder of hf_config. With
+    the model's vocab_size, a tokenizer with ids past the embedding (the wrong tokenizer) is an error."""
+    from recipes import tokenizer
+
+    source = model.tokenizer or model.init_checkpoint or model.hf_config
+    try:
+        tok = tokenizer.load(resolve_path(source) if source else None)
+        if vocab_size is not None:
+            tok.check_model_vocab(vocab_size)
+        return tok
+    except ValueError as err:
+        key = "model.tokenizer" if model.tokenizer else "model.init_checkpoint" if model.init_checkpoint \
+            else "model.hf_config"
+        raise ConfigError(f"{key}: {err}") from None
 
 
 @dataclasses.dataclass
@@ -160,7 +197,7 @@ class SFTData:
     stats: dict
 
 
-def prepare_data(cfg: SFTConfig, vocab_size: int, rank: int = 0) -> SFTData:
+def prepare_data(cfg: SFTConfig, vocab_size: int, tokenizer, rank: int = 0) -> SFTData:
     """Read (or generate) the corpus, tokenize it and pack it into rows. Every rank builds the same rows."""
     from recipes.data import sft_dataset as sd
     from recipes.data.packing import useful_fraction
@@ -175,12 +212,12 @@ def prepare_data(cfg: SFTConfig, vocab_size: int, rank: int = 0) -> SFTData:
         train_path = str(corpus_dir / "train.jsonl")
         if valid_path is None and cfg.data.task.valid_per_level > 0:
             valid_path = str(corpus_dir / "valid.jsonl")
-    examples, stats = sd.load_examples(train_path, cfg.data, vocab_size, seed=cfg.training.seed)
-    rows = sd.build_rows(examples, cfg.data.seq_length, cfg.data.packing)
+    examples, stats = sd.load_examples(train_path, cfg.data, vocab_size, tokenizer, seed=cfg.training.seed)
+    rows = sd.build_rows(examples, cfg.data.seq_length, cfg.data.packing, tokenizer.pad_id)
     valid_rows = []
     if valid_path is not None:
-        valid_examples, _ = sd.load_examples(valid_path, cfg.data, vocab_size, seed=cfg.training.seed)
-        valid_rows = sd.build_rows(valid_examples, cfg.data.seq_length, cfg.data.packing)
+        valid_examples, _ = sd.load_examples(valid_path, cfg.data, vocab_size, tokenizer, seed=cfg.training.seed)
+        valid_rows = sd.build_rows(valid_examples, cfg.data.seq_length, cfg.data.packing, tokenizer.pad_id)
     info = {**stats.to_dict(), "train_path": str(train_path), "valid_path": str(valid_path),
             "rows": len(rows), "useful_token_fraction": round(useful_fraction(rows), 4),
             "valid_rows": len(valid_rows)}
@@ -212,7 +249,7 @@ def build_model_and_optimizer(cfg, steps: int):
 
     from recipes.megatron import providers, train_step
 
-    hf = providers.load_hf_config(resolve_path(cfg.model.hf_config))
+    hf = providers.load_hf_config(architecture(cfg.model))
     t = cfg.training
     chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, seed=t.seed, dtype=model_dtype(cfg))
     optimizer = train_step.build_optimizer(chunks, lr=t.lr, weight_decay=t.weight_decay,
@@ -267,7 +304,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     import torch
     from megatron.core import parallel_state as ps
 
-    from recipes.data.sft_dataset import RowSampler, check_vocab, micro_batches
+    from recipes.data.sft_dataset import RowSampler, micro_batches
     from recipes.megatron import checkpointing, runtime, train_step
     from recipes.metrics import MetricsLogger, progress
 
@@ -294,13 +331,9 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
 
     from recipes.megatron.providers import load_hf_config
 
-    hf_path = resolve_path(cfg.model.hf_config)
-    vocab = int(load_hf_config(hf_path)["vocab_size"])
-    check_vocab(vocab, hf_path.parent if hf_path.is_file() else hf_path)
-    if cfg.model.init_checkpoint:  # a checkpoint trained with another tokenizer must not be fed ours
-        init = resolve_path(cfg.model.init_checkpoint)
-        check_vocab(vocab, init / "tokenizer" if (init / "tokenizer").is_dir() else init)
-    data = prepare_data(cfg, vocab, rank=runtime.rank())
+    vocab = int(load_hf_config(architecture(cfg.model))["vocab_size"])
+    tokenizer = model_tokenizer(cfg.model, vocab)
+    data = prepare_data(cfg, vocab, tokenizer, rank=runtime.rank())
     rows_per_step, grad_acc = resolve_batch(cfg)
     steps = total_steps(cfg, len(data.train_rows))
     sampler = RowSampler(data.train_rows, rows_per_step, seed=cfg.training.seed)
@@ -363,12 +396,12 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
                 checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
                                               extra={"rng": runtime.rng_state(),
                                                      "consumed_rows": done * rows_per_step},
-                                              keep_last=cfg.checkpoint.keep_last)
+                                              keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer.folder)
     elapsed = time.time() - t_start
     if start < steps or checkpointing.latest_step(ckpt_dir) != steps:
         checkpointing.save_checkpoint(ckpt_dir, steps, chunks, optimizer, scheduler,
                                       extra={"rng": runtime.rng_state(), "consumed_rows": steps * rows_per_step},
-                                      keep_last=cfg.checkpoint.keep_last)
+                                      keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer.folder)
     summary.update(final_loss=report["loss"], train_seconds=round(elapsed, 2))
     if data.valid_rows:
         valid = evaluate(chunks, data.valid_rows, cfg, *hooks)

@@ -15,3 +15,29 @@ def data_root() -> Path:
     from recipes.data.catalog import REPOSITORY_DATA_ROOT
 
     return REPOSITORY_DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny student as the distillation stage ships it: tiny-qwen2 with seed-0 random weights, a Megatron
+    checkpoint exported with `nrr convert to-hf` (each CLI call in its own process)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    base = tmp_path_factory.mktemp("tiny-qwen2")
+    nrr = [sys.executable, "-m", "recipes.cli", "convert"]
+    subprocess.run([*nrr, "init", "--config", str(root / "recipes/assets/models/tiny-qwen2/config.json"),
+                    "--out", str(base / "ckpt"), "--seed", "0"], check=True, cwd=root, capture_output=True)
+    subprocess.run([*nrr, "to-hf", "--ckpt", str(base / "ckpt"), "--out", str(base / "hf")], check=True, cwd=root,
+                   capture_output=True)
+    return base / "hf"
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory) -> dict[str, Path]:
+    """Family-shaped tiny HF checkpoints (tests/families/build.py): qwen2.5, qwen3, llama3.1, r1-distill."""
+    from tests.families.build import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(name, root / name) for name in FAMILIES}
+

@@ -23,12 +23,12 @@ def _tiny_model(out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from recipes.tokenizer import save_hf_tokenizer
+    from recipes import tokenizer
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(ROOT / "recipes/assets/models/tiny-qwen2")
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    save_hf_tokenizer(out)
+    tokenizer.load().save(out)
     return out
 
 

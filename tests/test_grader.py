@@ -156,8 +156,8 @@ def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_eva
     from curator_pipelines.config import FilterConfig
     from recipes import task
     from recipes.generation import Completion
-    from recipes.evaluation.config import GenerationConfig
     from recipes.evaluation.runner import build_record
+    from recipes.tokenizer import load
     from recipes.grpo import HeldoutConfig, heldout_accuracy
     from recipes.rl.rewards import RewardsConfig, Sample, accuracy
 
@@ -182,8 +182,8 @@ def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_eva
                 judge_correctness({**parse_response(text), "reference": p.answer}, FilterConfig())[0])
             verdicts.setdefault("reward", set()).add(accuracy(Sample(response=text, answer=p.answer), RewardsConfig()) == 1.0)
             record = build_record({"id": p.id, "benchmark": "embedded", "problem": p.question, "answer": p.answer}, 0,
-                                  Completion([], text, "stop", num_tokens=10), GenerationConfig(), lambda s: len(s), 5.0)
+                                  Completion([], text, "stop", num_tokens=10), True, lambda s: len(s), 5.0)
             verdicts.setdefault("evaluation", set()).add(record["is_correct"])
-        heldout = heldout_accuracy(ScriptedEngine(template), HeldoutConfig(levels=[2], per_level=4), 64)["L2"]
+        heldout = heldout_accuracy(ScriptedEngine(template), load(), HeldoutConfig(levels=[2], per_level=4), 64)["L2"]
         verdicts["grpo_heldout"] = {heldout == 1.0} if heldout in (0.0, 1.0) else {None}
         assert verdicts == dict.fromkeys(verdicts, {expected}), (template, verdicts)

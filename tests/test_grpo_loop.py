@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes import chat_template as ct
+from recipes import response_format as ct
 from recipes import task
 from recipes.config import ConfigError, load_config
 from recipes.grpo import GRPOConfig, Group, PromptSampler, PromptsConfig, build_batch, check_config, split_rows
@@ -40,18 +40,42 @@ def test_config_errors_name_the_problem():
 def test_prompt_sampler_is_a_function_of_step():
     s1, s2 = PromptSampler(PromptsConfig(levels=[2, 3], pool_per_level=50)), \
         PromptSampler(PromptsConfig(levels=[2, 3], pool_per_level=50))
-    assert [p.id for p in s1.batch(7, 8)] == [p.id for p in s2.batch(7, 8)]
-    assert [p.id for p in s1.batch(7, 8)] != [p.id for p in s1.batch(8, 8)]
-    assert [p.id for p in s1.batch(7, 8, round_=1)] != [p.id for p in s1.batch(7, 8)]
-    assert {p.level for p in s1.batch(0, 64)} == {2, 3}
+    assert [p["id"] for p in s1.batch(7, 8)] == [p["id"] for p in s2.batch(7, 8)]
+    assert [p["id"] for p in s1.batch(7, 8)] != [p["id"] for p in s1.batch(8, 8)]
+    assert [p["id"] for p in s1.batch(7, 8, round_=1)] != [p["id"] for p in s1.batch(7, 8)]
+    assert {p["level"] for p in s1.batch(0, 64)} == {2, 3}
     heldout = {p.question for p in task.heldout_problems([2, 3], 200)}
-    assert not heldout & {p.question for pool in s1.pools.values() for p in pool}
+    assert not heldout & {p["problem"] for pool in s1.pools.values() for p in pool}
+
+
+def test_prompt_sets_from_a_dataset_gsm8k_and_code(tmp_path, data_root):
+    """GSM8K train prompts (the shipped copy) with their `#### N` answers, and a code prompt set whose tests reach
+    the `code` reward."""
+    from recipes.rl.rewards import RewardsConfig, Sample, score
+
+    gsm8k = data_root / "gsm8k" / "train.jsonl"
+    sampler = PromptSampler(PromptsConfig(dataset=str(gsm8k), limit=20))
+    first = json.loads(gsm8k.read_text().splitlines()[0])
+    pool = sampler.pools[None]
+    assert len(pool) == 20 and pool[0]["problem"] == first["question"]
+    assert pool[0]["answer"] == first["answer"].split("####")[-1].strip().replace(",", "")
+    assert [p["id"] for p in sampler.batch(3, 5)] == [p["id"] for p in PromptSampler(sampler.cfg).batch(3, 5)]
+
+    code = tmp_path / "code.jsonl"
+    code.write_text(json.dumps({"id": "c1", "prompt": "Print the sum of two integers read from stdin.",
+                                "tests": [{"stdin": "2 3\n", "stdout": "5"}, {"stdin": "7 1\n", "stdout": "8"}]}) + "\n")
+    (prompt,) = PromptSampler(PromptsConfig(dataset=str(code))).pools[None]
+    right = ct.format_response("read, add", "```python\na, b = map(int, input().split())\nprint(a + b)\n```")
+    wrong = ct.format_response("read, add", "```python\nprint(0)\n```")
+    rewards, parts = score([Sample(r, prompt["answer"] or "", tests=prompt["tests"]) for r in (right, wrong)],
+                           RewardsConfig(weights={"code": 1.0}))
+    assert parts["code"] == [1.0, 0.0] and rewards == [1.0, 0.0]
 
 
 def test_batch_layout_masks_exactly_the_response():
     g = Group(problem={}, prompt=[1, 2, 3], responses=[[10, 11], [12, 13, 14, 259]], truncated=[True, False],
               rewards=[0.0, 1.0], parts={})
-    b = build_batch([g], std_normalize=False)
+    b = build_batch([g], std_normalize=False, pad_id=257)
     assert b["tokens"].shape == (2, 8)
     assert b["tokens"][1, :7].tolist() == [1, 2, 3, 12, 13, 14, 259]
     # position t predicts labels[t] = tokens[t+1]: the mask covers positions whose label is a response token
@@ -66,7 +90,7 @@ def test_update_rows_are_cut_to_their_longest_response():
                   rewards=[0.0, 1.0], parts={})
     long = Group(problem={}, prompt=[1, 2, 3], responses=[[10] * 14, [11, 259]], truncated=[True, False],
                  rewards=[0.0, 1.0], parts={})
-    b = build_batch([short, long], std_normalize=True)
+    b = build_batch([short, long], std_normalize=True, pad_id=257)
     b["old_logp"] = torch.randn(b["tokens"].shape)
     assert b["tokens"].shape == (4, 24)  # prompt 3 + 14 response tokens, rounded up to 8
     few = split_rows(b, [0, 1, 3], mbs=2)  # without the long response: 3 + 2 tokens fit in 8 columns
@@ -129,21 +153,6 @@ def test_loop_runs_and_resume_replays_exactly(tmp_path):
         assert last[key] == pytest.approx(full[2][key], rel=1e-5, abs=1e-7), key
 
 
-def test_completion_keeps_think_tags_and_cuts_at_eos():
-    from recipes import tokenizer as tok
-    from recipes.rl.rewards import RewardsConfig, Sample, format_reward
-    from recipes.generation.backend import to_completion
-
-    text = ct.format_response("1+2;3", "\\boxed{3}")
-    ids = tok.encode(text) + [tok.eos_id()] + tok.encode("junk")
-    c = to_completion(ids, {tok.eos_id()}, 100, tok.decode)
-    assert c.text == text and c.finish_reason == "stop" and c.token_ids[-1] == tok.eos_id()
-    assert c.num_tokens == len(tok.encode(text)) + 1
-    assert format_reward(Sample(c.text), RewardsConfig()) == 1.0
-    cut = to_completion(tok.encode(text)[:5], {tok.eos_id()}, 5, tok.decode)
-    assert cut.truncated and len(cut.token_ids) == 5
-
-
 def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
     """pass@1 with samples is the mean over every sampled response (hand-counted on scripted completions)."""
     from recipes.grpo import HeldoutConfig, heldout_accuracy
@@ -163,12 +172,14 @@ def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
                 out.append([Completion([], ct.format_response("x", task.answer_text(a)), "stop") for a in answers])
             return out
 
+    from recipes.tokenizer import load
+
+    tok = load()
     problems = task.heldout_problems([2, 3], 5)
-    from recipes.rl.rollout import prompt_ids
-    p_ids = {p.id: prompt_ids(p) for p in problems}
+    p_ids = {p.id: tok.prompt_ids(p.question) for p in problems}
     engine = ScriptedEngine({2: 3, 3: 1})
-    sampled = heldout_accuracy(engine, HeldoutConfig(levels=[2, 3], per_level=5, temperature=0.6, samples=4), 64)
+    sampled = heldout_accuracy(engine, tok, HeldoutConfig(levels=[2, 3], per_level=5, temperature=0.6, samples=4), 64)
     assert sampled == {"L2": 0.75, "L3": 0.25, "mean": 0.5}
     assert engine.calls == [(5, 4, 0.6), (5, 4, 0.6)]
-    greedy = heldout_accuracy(engine, HeldoutConfig(levels=[2, 3], per_level=5, samples=4), 64)  # T=0: one response
+    greedy = heldout_accuracy(engine, tok, HeldoutConfig(levels=[2, 3], per_level=5, samples=4), 64)  # T=0: one response
     assert greedy == {"L2": 1.0, "L3": 1.0, "mean": 1.0} and engine.calls[-1] == (5, 1, 0.0)

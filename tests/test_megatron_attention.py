@@ -106,7 +106,7 @@ GRPO_SETUP = textwrap.dedent("""
             responses = [torch.randint(0, 250, (n,), generator=g).tolist() + [259] for n in lengths]
             groups.append(Group(problem={}, prompt=[256, 5, 6, 7], responses=responses,
                                 truncated=[False] * 4, rewards=rewards, parts={}))
-        return chunks, build_batch(groups, std_normalize=True)
+        return chunks, build_batch(groups, std_normalize=True, pad_id=257)
 
     def grad_after(chunks, micro, loss_fn):
         for chunk in chunks:

@@ -68,16 +68,21 @@ def test_tokenizer_model_mismatch_is_a_clear_error(tmp_path):
     from recipes.megatron.hf_checkpoint import init_tiny_checkpoint
     from recipes.megatron import providers
 
+    from recipes import tokenizer
+
     hf = providers.load_hf_config(ROOT / "recipes/assets/models/tiny-qwen2")
     hf["vocab_size"] = 200  # the byte tokenizer has 262 tokens
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match=r"vocab_size=200 is smaller than the tokenizer's 262 tokens"):
+    with pytest.raises(ValueError, match=r"no tokenizer here"):  # a config needs its tokenizer beside it
+        init_tiny_checkpoint(bad, tmp_path / "ckpt")
+    tokenizer.load().save(tmp_path)
+    with pytest.raises(ValueError, match=r"262 tokens but the model has 200 embedding rows"):
         init_tiny_checkpoint(bad, tmp_path / "ckpt")
     proc = run_script(["-m", "recipes.cli", "convert", "init", "--config", str(bad), "--out", str(tmp_path / "c")],
                       timeout=120)
     assert proc.returncode == 2
-    assert "vocab_size=200 is smaller than the tokenizer's 262 tokens" in proc.stderr
+    assert "262 tokens but the model has 200 embedding rows" in proc.stderr and not (tmp_path / "c").exists()
     assert str(bad) in proc.stderr
     assert not (tmp_path / "c").exists()
 

@@ -3,7 +3,7 @@
 import pytest
 
 from recipes import task
-from recipes.chat_template import format_response
+from recipes.response_format import format_response
 from recipes.rl.rewards import REWARDS, RewardsConfig, Sample, check_weights, extract_code, score
 
 CFG = RewardsConfig(overlong_max_tokens=100, overlong_cache_tokens=20, length_target_tokens=50)

@@ -5,23 +5,24 @@ import json
 import numpy as np
 import pytest
 
-from recipes import tokenizer as tok
+from recipes import tokenizer
 from recipes.data import packing
 from recipes.data import sft_dataset as sd
 
 CONTENT = "<think>\n1+2=3\n</think>\n\n\\boxed{3}"
 MESSAGES = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": CONTENT}]
+tok = tokenizer.load()  # the embedded students' byte-level tokenizer
 
 
 def test_loss_mask_covers_exactly_the_assistant_tokens():
-    ids, mask = sd.tokenize_conversation(MESSAGES)
+    ids, mask = sd.tokenize_conversation(MESSAGES, tok)
     # by hand: <|im_start|> "user\n1+2" <|im_end|> "\n" <|im_start|> "assistant\n"  = 1+8+1+1+1+10 = 22 tokens,
     # then <think> "\n1+2=3\n" </think> "\n\n" "\boxed{3}" <|im_end|> = 1+7+1+2+9+1 = 21 tokens, then "\n"
     assert len(ids) == 22 + 21 + 1
     assert mask.tolist() == [0] * 22 + [1] * 21 + [0]
     assert tok.decode(ids[22:43]) == CONTENT + "<|im_end|>"
-    assert ids[42] == tok.eos_id()
-    ex = sd.to_example(MESSAGES, seq_length=64, vocab_size=384, where="x:1")
+    assert ids[42] == tok.stop_ids[0]
+    ex = sd.to_example(MESSAGES, seq_length=64, vocab_size=384, where="x:1", tokenizer=tok)
     # shifted: labels[i] = ids[i + 1]; the loss covers the labels that are assistant tokens
     assert ex.labels.tolist() == ids[1:].tolist() and ex.input_ids.tolist() == ids[:-1].tolist()
     assert np.flatnonzero(ex.loss_mask).tolist() == list(range(21, 42))
@@ -34,15 +35,19 @@ def _write(path, records):
 
 def test_think_ratio_mixes_think_and_no_think(tmp_path):
     corpus = sd.write_records(sd.task_records([1, 2], 100, seed=3), tmp_path / "c.jsonl")
-    _, all_think = sd.load_examples(corpus, sd.DataConfig(think_ratio=1.0), 384)
+    _, all_think = sd.load_examples(corpus, sd.DataConfig(think_ratio=1.0), 384, tok)
     assert (all_think.think, all_think.no_think) == (200, 0)
-    ex, none = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.0), 384)
+    ex, none = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.0), 384, tok)
     assert (none.think, none.no_think) == (0, 200)
+    # no-think as the template asks for it at inference: the empty think block closes the prompt, the answer is
+    # what the model writes (and is trained on)
     text = tok.decode([t for t, m in zip(ex[0].labels, ex[0].loss_mask) if m])
-    assert text.startswith("<think>\n\n</think>\n\n\\boxed{") and text.endswith("}<|im_end|>")
-    _, half = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.5), 384)
+    assert text.startswith("\\boxed{") and text.endswith("}<|im_end|>")
+    first = int(np.flatnonzero(ex[0].loss_mask)[0])
+    assert tok.decode(ex[0].labels[:first]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    _, half = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.5), 384, tok)
     assert 70 <= half.think <= 130 and half.think + half.no_think == 200
-    _, again = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.5), 384)
+    _, again = sd.load_examples(corpus, sd.DataConfig(think_ratio=0.5), 384, tok)
     assert again.think == half.think  # the per-record choice is stable
 
 
@@ -51,13 +56,13 @@ def test_bad_records_error_with_file_and_line_or_are_counted(tmp_path):
     long = {"id": "b", "messages": [MESSAGES[0], {"role": "assistant", "content": "9" * 200}]}
     path = _write(tmp_path / "bad.jsonl", [good, {"id": "no-messages", "text": "hi"}, good, long, "{not json"])
     with pytest.raises(sd.DataError, match=r"bad\.jsonl:2: record has no 'messages'"):
-        sd.load_examples(path, sd.DataConfig(seq_length=64), 384)
+        sd.load_examples(path, sd.DataConfig(seq_length=64), 384, tok)
     with pytest.raises(sd.DataError, match=r"b2\.jsonl:2: record has \d+ tokens, longer than seq_length=64"):
-        sd.load_examples(_write(tmp_path / "b2.jsonl", [good, long]), sd.DataConfig(seq_length=64), 384)
-    ex, stats = sd.load_examples(path, sd.DataConfig(seq_length=64, on_bad_record="skip"), 384)
+        sd.load_examples(_write(tmp_path / "b2.jsonl", [good, long]), sd.DataConfig(seq_length=64), 384, tok)
+    ex, stats = sd.load_examples(path, sd.DataConfig(seq_length=64, on_bad_record="skip"), 384, tok)
     assert len(ex) == 2 and stats.skipped == {"messages": 1, "too_long": 1, "json": 1}
     with pytest.raises(sd.DataError, match="tokenizer/model mismatch"):
-        sd.load_examples(_write(tmp_path / "ok.jsonl", [good]), sd.DataConfig(), vocab_size=200)
+        sd.load_examples(_write(tmp_path / "ok.jsonl", [good]), sd.DataConfig(), 200, tok)
 
 
 def test_parquet_reads_like_jsonl(tmp_path):
@@ -67,8 +72,8 @@ def test_parquet_reads_like_jsonl(tmp_path):
     records = sd.task_records([1, 2, 3], 10, seed=0)
     jsonl = sd.write_records(records, tmp_path / "c.jsonl")
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
-    a, _ = sd.load_examples(jsonl, sd.DataConfig(), 384)
-    b, _ = sd.load_examples(tmp_path / "c.parquet", sd.DataConfig(), 384)
+    a, _ = sd.load_examples(jsonl, sd.DataConfig(), 384, tok)
+    b, _ = sd.load_examples(tmp_path / "c.parquet", sd.DataConfig(), 384, tok)
     assert [e.input_ids.tolist() for e in a] == [e.input_ids.tolist() for e in b]
     assert b[4].source.endswith("c.parquet:row 5")
 
@@ -83,9 +88,9 @@ def test_first_fit_decreasing_by_hand():
 
 
 def test_packed_rows_restart_positions_and_block_attention():
-    ex = [sd.to_example([{"role": "user", "content": q}, {"role": "assistant", "content": "\\boxed{1}"}], 96, 384, "")
+    ex = [sd.to_example([{"role": "user", "content": q}, {"role": "assistant", "content": "\\boxed{1}"}], 96, 384, "", tok)
           for q in ("1", "22", "333")]
-    rows = packing.pack(ex, 96, tok.pad_id())
+    rows = packing.pack(ex, 96, tok.pad_id)
     assert len(rows) == 1 and sorted(rows[0].doc_lengths) == sorted(len(e) for e in ex)
     batch = packing.collate(rows)
     n0, n1 = rows[0].doc_lengths[:2]
@@ -95,7 +100,7 @@ def test_packed_rows_restart_positions_and_block_attention():
     assert not mask[n0 + 1, n0] and mask[n0 + 1, n0 - 1] and mask[0, 1]  # own doc, other doc, future
     assert batch["cu_seqlens"].tolist() == [0, n0, n0 + n1, sum(rows[0].doc_lengths), 96]
     assert batch["loss_mask"].sum().item() == sum(e.loss_mask.sum() for e in ex)
-    padded = packing.collate(packing.pad(ex, 96, tok.pad_id()))
+    padded = packing.collate(packing.pad(ex, 96, tok.pad_id))
     assert padded["attention_mask"] is None and "cu_seqlens" not in padded
     assert padded["loss_mask"].sum().item() == batch["loss_mask"].sum().item()
 
@@ -146,5 +151,5 @@ def test_every_corpus_writer_writes_the_one_trace_record_and_sft_reads_them_all(
         assert rec["messages"] == [{"role": "user", "content": p.question}, {"role": "assistant", "content": response}]
         assert rec["problem_id"] == p.id and rec["reference"] == p.answer and rec["enable_thinking"] is True
     path = sd.write_records([from_task, from_rejection, from_curation], tmp_path / "mixed.jsonl")
-    examples, stats = sd.load_examples(path, sd.DataConfig(), 384)
+    examples, stats = sd.load_examples(path, sd.DataConfig(), 384, tok)
     assert stats.examples == 3 and len({tuple(e.input_ids.tolist()) for e in examples}) == 1

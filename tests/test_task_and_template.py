@@ -1,8 +1,7 @@
-import tempfile
 
 import pytest
 
-from recipes import chat_template as ct
+from recipes import response_format as ct
 from recipes import task
 from recipes import tokenizer as tk
 
@@ -62,24 +61,26 @@ def test_train_problems_with_one_count_per_level():
         task.train_problems([1, 4], [30], seed=2)
 
 
-def test_template_matches_transformers_and_tokenizer_round_trips():
+def test_embedded_template_renders_as_transformers_and_tokenizer_round_trips():
     transformers = pytest.importorskip("transformers")
-    d = tempfile.mkdtemp()
-    tk.save_hf_tokenizer(d)
-    hf = transformers.AutoTokenizer.from_pretrained(d)
+    folder = tk.EMBEDDED_MODEL
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    tok = tk.load()
     p = task.generate(3, 1)[0]
-    msgs = ct.prompt_messages(p.question, system="Be brief.") + [
-        {"role": "assistant", "content": task.assistant_response(p)}
-    ]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p.question},
+            {"role": "assistant", "content": task.assistant_response(p)}]
     for gen, think in [(False, True), (True, True), (True, False)]:
         m = msgs[:-1] if gen else msgs
-        ours = ct.render(m, add_generation_prompt=gen, enable_thinking=think)
+        ours = tok.render(m, add_generation_prompt=gen, enable_thinking=think)
         assert hf.apply_chat_template(m, tokenize=False, add_generation_prompt=gen, enable_thinking=think) == ours
-        assert hf(ours, add_special_tokens=False)["input_ids"] == tk.encode(ours)
-    assert hf.eos_token_id == tk.eos_id()
+        assert hf(ours, add_special_tokens=False)["input_ids"] == tok.encode(ours)
+    assert tok.render(msgs[1:2], add_generation_prompt=True, enable_thinking=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert (hf.eos_token_id,) == tok.stop_ids
     text = "héllo 数学 \\frac{1}{2} <think>"
-    assert tk.decode(tk.encode(text)) == text
-    assert tk.encode("<think>") == [tk.token_id("<think>")]
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("<think>") == [hf.convert_tokens_to_ids("<think>")]
+    assert len(tok.encode("héllo")) == len("héllo".encode())  # one token per byte
 
 
 def test_split_response():

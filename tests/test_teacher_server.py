@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from recipes import grader, task
-from recipes.chat_template import format_response, split_response
+from recipes.response_format import format_response, split_response
 from recipes.config import ConfigError, load_config
 from recipes.teacher.server import FaultConfig, TeacherServerConfig, TeacherServer, assistant_message
 from recipes.teacher.traces import RESPONSE_DEFECTS, DefectRates, TraceConfig, make_trace, parse_expression

@@ -67,9 +67,8 @@ def bench_grpo(init_checkpoint: str | None = None, prompts: int = 16, group_size
     """Both measurements in one dict (call from a `__main__` entry point: it starts vLLM)."""
     import torch
 
-    from recipes import task
+    from recipes import task, tokenizer
     from recipes.megatron.hf_checkpoint import load_pretrained
-    from recipes.rl.rollout import prompt_ids
     from recipes.megatron import providers, runtime
     from recipes.rl.refit import write_engine_dir
     from recipes.config import resolve_path
@@ -82,8 +81,9 @@ def bench_grpo(init_checkpoint: str | None = None, prompts: int = 16, group_size
     chunks = providers.build_model(hf, 1, 1, seed=0, ddp=False)
     if init_checkpoint:
         load_pretrained(chunks, resolve_path(init_checkpoint))
-    engine_dir = write_engine_dir(hf, out / "engine")
-    batch = [prompt_ids(p) for p in task.train_problems([2, 3], prompts // 2, seed=11)]
+    tok = tokenizer.load(resolve_path(TINY_STUDENT))
+    engine_dir = write_engine_dir(hf, out / "engine", tok)
+    batch = [tok.prompt_ids(p.question) for p in task.train_problems([2, 3], prompts // 2, seed=11)]
     result = {"prompts": len(batch), "group_size": group_size, "max_tokens": max_tokens,
               "policy": init_checkpoint or "random-init"}
     for name in ("vllm", "hf"):

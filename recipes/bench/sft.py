@@ -43,6 +43,7 @@ def bench_sft(corpus: str | None = None, seq_length: int = 256, steps: int = 5, 
     and training tokens/s for a few steps of each layout."""
     import torch
 
+    from recipes import tokenizer
     from recipes.data import sft_dataset as sd
     from recipes.data.packing import useful_fraction
     from recipes.megatron import providers
@@ -56,13 +57,14 @@ def bench_sft(corpus: str | None = None, seq_length: int = 256, steps: int = 5, 
     vocab = int(providers.load_hf_config(hf_config)["vocab_size"])
     cfg = sd.DataConfig(seq_length=seq_length, on_bad_record="skip")
     t0 = time.perf_counter()
-    examples, stats = sd.load_examples(corpus, cfg, vocab)
+    tok = tokenizer.load(hf_config)  # the tokenizer beside the config
+    examples, stats = sd.load_examples(corpus, cfg, vocab, tok)
     tokenize_s = time.perf_counter() - t0
     result: dict = {"corpus": corpus, "seq_length": seq_length, "examples": len(examples),
                     "skipped": stats.skipped, "tokenize_s": round(tokenize_s, 3)}
     for name, packing in (("packed", True), ("padded", False)):
         t0 = time.perf_counter()
-        rows = sd.build_rows(examples, seq_length, packing)
+        rows = sd.build_rows(examples, seq_length, packing, tok.pad_id)
         result[name] = {"rows": len(rows), "useful_token_fraction": round(useful_fraction(rows), 4),
                         "build_s": round(time.perf_counter() - t0, 3)}
         if speed:

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-from recipes.chat_template import format_response, split_response
+from recipes.response_format import format_response, split_response
 from recipes.data.trace_record import DataError, make_record
 from recipes.grader import last_boxed
 

@@ -1,10 +1,11 @@
-"""Chat corpora (JSONL or Parquet) -> token examples with an assistant-only loss mask -> batches.
+"""Chat corpora -> token examples with an assistant-only loss mask -> batches.
 
-A record is one conversation as the curation stage writes it: `messages` (a user turn and an
-assistant turn `<think>\\n...\\n</think>\\n\\n\\boxed{..}`, or the no-think form) plus provenance
-fields, which are kept out of the tokens. Conversations are rendered with the shared chat template
-and tokenized with the project tokenizer; the loss covers the assistant content and its closing
-`<|im_end|>`, nothing of the prompt or the role headers.
+A corpus is the project's trace records (what curation writes: `messages`, a user turn and an assistant turn
+`<think>\\n...\\n</think>\\n\\n\\boxed{..}` or the no-think form, plus provenance fields kept out of the
+tokens) or a public trace dataset in any schema `recipes.data.schemas` reads (OpenR1-Math, Llama-Nemotron,
+OpenThoughts, NuminaMath, OpenAI messages). Conversations are rendered with the model's own chat template and
+tokenized with its tokenizer (`recipes.tokenizer.ChatTokenizer`); the loss covers the assistant turn and its
+end-of-turn token, nothing of the prompt or the role headers.
 
 Bad input never gets silently truncated: a record without `messages`, one longer than
 `seq_length`, or token ids the model cannot embed raise a `DataError` naming the file and line, or
@@ -20,10 +21,10 @@ from typing import Literal
 
 import numpy as np
 
-from recipes import chat_template as ct
-from recipes import tokenizer as tok
+from recipes import response_format as rf
 from recipes.data.packing import Example, Row, collate, pack, pad
-from recipes.data.trace_record import DataError, make_record, read_records, write_records
+from recipes.data.trace_record import DataError, corpus_files, make_record, read_records, write_records
+from recipes.tokenizer import ChatTokenizer
 
 
 @dataclasses.dataclass
@@ -39,8 +40,10 @@ class TaskCorpusConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    train_path: str | None = None  # JSONL / Parquet file or a folder of them; None: the embedded task corpus
+    train_path: str | None = None  # a trace corpus or dataset (file or folder); None: the embedded task corpus
     valid_path: str | None = None  # None: validation rows come from the embedded task (or none)
+    schema: str = "auto"  # the datasets' schema (recipes.data.schemas: openr1, nemotron, openthoughts, ...)
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)  # schema field -> the dataset's column
     task: TaskCorpusConfig = dataclasses.field(default_factory=TaskCorpusConfig)
     seq_length: int = 128
     packing: bool = True  # first-fit-decreasing packing; false: one example per row, padded
@@ -49,10 +52,29 @@ class DataConfig:
     max_records: int | None = None  # read at most this many records per split (quick runs)
 
 
-# ------------------------------------------------------------------------------ reading
+# ------------------------------------------------------------------------------ reading and tokenizing
 
 
-# ------------------------------------------------------------------------------ tokenizing
+def corpus_records(path: str | Path, cfg: DataConfig):
+    """(where, record or DataError) of a corpus: the project's records as they are, any other schema mapped to
+    them by `recipes.data.schemas` (whose errors name the file and row and stop the read)."""
+    if cfg.schema == "record" or (cfg.schema == "auto" and not cfg.fields and _is_record_corpus(path)):
+        return read_records(path)
+    from recipes.data.schemas import DatasetSource, read_traces
+
+    return read_traces(DatasetSource(str(path), schema=cfg.schema, fields=dict(cfg.fields)))
+
+
+def _is_record_corpus(path: str | Path) -> bool:
+    """Whether `path` holds the project's trace records: JSONL/Parquet whose first record has `id` and `messages`
+    (read line by line, so a bad line can be skipped instead of stopping the read)."""
+    try:
+        for _, rec in read_records(path):
+            if isinstance(rec, dict):
+                return "messages" in rec and "id" in rec
+    except DataError:
+        return False
+    return False
 
 
 def _check_messages(messages: object) -> list[dict]:
@@ -66,32 +88,16 @@ def _check_messages(messages: object) -> list[dict]:
     return messages
 
 
-def tokenize_conversation(messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, mask) of the rendered conversation; mask is 1 on assistant content and its <|im_end|>.
-
-    The shared template renders each message independently, so the text is cut at message
-    boundaries and, inside an assistant turn, after the role header and before the trailing newline.
-    """
-    text = ct.render(messages)
-    pieces: list[tuple[str, int]] = []
-    for m in messages:
-        seg = ct.render([m])
-        if m["role"] != "assistant":
-            pieces.append((seg, 0))
-            continue
-        header = f"{ct.IM_START}assistant\n"
-        body = m["content"] + ct.IM_END
-        if seg != header + body + "\n":
-            raise AssertionError("chat template layout changed: update tokenize_conversation")
-        pieces += [(header, 0), (body, 1), ("\n", 0)]
-    if "".join(p for p, _ in pieces) != text:
-        raise AssertionError("chat template does not render messages independently")
-    ids: list[int] = []
-    mask: list[int] = []
-    for piece, m in pieces:
-        piece_ids = tok.encode(piece)
-        ids += piece_ids
-        mask += [m] * len(piece_ids)
+def tokenize_conversation(messages: list[dict], tokenizer: ChatTokenizer,
+                          enable_thinking: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, mask) of the conversation in the model's chat template; mask is 1 on the assistant turn and its
+    end-of-turn token. A think mode the template cannot switch to is left to the template's default."""
+    if enable_thinking not in tokenizer.thinking_modes:
+        enable_thinking = None
+    try:
+        ids, mask = tokenizer.tokenize_conversation(messages, enable_thinking=enable_thinking)
+    except ValueError as err:
+        raise DataError(str(err)) from None
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.float32)
 
 
@@ -100,8 +106,8 @@ def drop_thinking(messages: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         if m["role"] == "assistant":
-            _, answer, _ = ct.split_response(m["content"])
-            m = {**m, "content": ct.format_response(None, answer)}
+            _, answer, _ = rf.split_response(m["content"])
+            m = {**m, "content": rf.format_response(None, answer)}
         out.append(m)
     return out
 
@@ -109,14 +115,15 @@ def drop_thinking(messages: list[dict]) -> list[dict]:
 def has_thinking(messages: list[dict]) -> bool:
     for m in messages:
         if m["role"] == "assistant":
-            thinking, _, _ = ct.split_response(m["content"])
+            thinking, _, _ = rf.split_response(m["content"])
             if thinking:
                 return True
     return False
 
 
-def to_example(messages: list[dict], seq_length: int, vocab_size: int, where: str) -> Example:
-    ids, mask = tokenize_conversation(messages)
+def to_example(messages: list[dict], seq_length: int, vocab_size: int, where: str, tokenizer: ChatTokenizer,
+               enable_thinking: bool | None = None) -> Example:
+    ids, mask = tokenize_conversation(messages, tokenizer, enable_thinking)
     n = len(ids) - 1  # inputs are ids[:-1], labels ids[1:]
     if n > seq_length:
         raise DataError(f"record has {n} tokens, longer than seq_length={seq_length} (raise data.seq_length "
@@ -152,13 +159,13 @@ def _skip_reason(err: DataError) -> str:
     return "other"
 
 
-def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int,
+def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int, tokenizer: ChatTokenizer,
                   seed: int = 0) -> tuple[list[Example], CorpusStats]:
     """Read and tokenize a corpus. Bad records raise (naming file:line) or are counted and skipped."""
-    check_vocab(vocab_size)
+    check_vocab(tokenizer, vocab_size)
     stats = CorpusStats()
     examples: list[Example] = []
-    for index, (where, rec) in enumerate(read_records(path)):
+    for index, (where, rec) in enumerate(corpus_records(path, cfg)):
         if cfg.max_records is not None and stats.records >= cfg.max_records:
             break
         stats.records += 1
@@ -169,11 +176,12 @@ def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int,
                 raise DataError("record has no 'messages' field (expected chat format: "
                                 "{'messages': [{'role': 'user', ...}, {'role': 'assistant', ...}], ...})")
             messages = _check_messages(rec["messages"])
+            think = rec.get("enable_thinking")
             # the think/no-think mix: a per-record coin from (seed, index) keeps the choice stable
             if cfg.think_ratio is not None and has_thinking(messages):
                 if random.Random(f"{seed}:think:{index}").random() >= cfg.think_ratio:
-                    messages = drop_thinking(messages)
-            example = to_example(messages, cfg.seq_length, vocab_size, where)
+                    messages, think = drop_thinking(messages), False
+            example = to_example(messages, cfg.seq_length, vocab_size, where, tokenizer, think)
         except DataError as err:
             if cfg.on_bad_record == "error":
                 raise DataError(f"{where}: {err}") from None
@@ -193,16 +201,12 @@ def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int,
     return examples, stats
 
 
-def check_vocab(model_vocab_size: int, hf_dir: str | Path | None = None) -> None:
+def check_vocab(tokenizer: ChatTokenizer, model_vocab_size: int) -> None:
     """Fail clearly when the tokenizer cannot feed the model (a tokenizer/model mismatch)."""
-    if tok.vocab_size() > model_vocab_size:
-        raise DataError(f"the tokenizer has {tok.vocab_size()} tokens but the model's vocab_size is "
-                        f"{model_vocab_size}: tokenizer/model mismatch")
-    if hf_dir is not None and (Path(hf_dir) / "tokenizer.json").exists():
-        try:
-            tok.check_compatible(hf_dir)
-        except ValueError as err:
-            raise DataError(str(err)) from None
+    try:
+        tokenizer.check_model_vocab(model_vocab_size)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------ the embedded corpus
@@ -241,8 +245,8 @@ def write_task_corpus(cfg: TaskCorpusConfig, out_dir: str | Path) -> tuple[Path,
 # ------------------------------------------------------------------------------ batches
 
 
-def build_rows(examples: list[Example], seq_length: int, packing: bool) -> list[Row]:
-    return (pack if packing else pad)(examples, seq_length, tok.pad_id())
+def build_rows(examples: list[Example], seq_length: int, packing: bool, pad_id: int) -> list[Row]:
+    return (pack if packing else pad)(examples, seq_length, pad_id)
 
 
 class RowSampler:

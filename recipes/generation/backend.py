@@ -45,6 +45,13 @@ def to_completion(ids: list[int], stop_ids: set[int], max_tokens: int, decode) -
     return Completion(ids[:max_tokens], decode(ids[:max_tokens]), "length")
 
 
+def stop_ids(model_dir, hf_tokenizer) -> set[int]:
+    """The ids that end a response (`ChatTokenizer.stop_ids`: generation_config.json's eos ids and the eos)."""
+    from recipes.tokenizer import ChatTokenizer
+
+    return set(ChatTokenizer(hf_tokenizer, model_dir).stop_ids)
+
+
 class GenerationBackend(Protocol):
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]: ...
 

@@ -7,7 +7,8 @@ from typing import Iterable
 
 import torch
 
-from recipes.generation.backend import Completion, Prompt, SamplingParams, on_cpu, resolve_dtype, to_completion
+from recipes.generation.backend import (Completion, Prompt, SamplingParams, on_cpu, resolve_dtype, stop_ids,
+                                        to_completion)
 
 
 class HFBackend:
@@ -29,7 +30,7 @@ class HFBackend:
         self.device = "cpu" if on_cpu() else "cuda"
         self.model.eval().to(self.device)
         self.batch_size = batch_size  # sequences per generate call (None: all at once)
-        self.stop_ids = {self.tokenizer.eos_token_id}
+        self.stop_ids = stop_ids(model_dir, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
 

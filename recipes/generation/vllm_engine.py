@@ -17,7 +17,8 @@ from typing import Iterable
 
 import torch
 
-from recipes.generation.backend import Completion, Prompt, SamplingParams, on_cpu, resolve_dtype, to_completion
+from recipes.generation.backend import (Completion, Prompt, SamplingParams, on_cpu, resolve_dtype, stop_ids,
+                                        to_completion)
 from recipes.generation.vllm_batching import generate, prompt_seed
 
 
@@ -49,7 +50,7 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.cpu_threads = cpu_threads
         self.tokenizer = self.llm.get_tokenizer()
-        self.stop_ids = {self.tokenizer.eos_token_id}
+        self.stop_ids = stop_ids(model_dir, self.tokenizer)
         self.context = self.llm.llm_engine.model_config.max_model_len
 
     def count_tokens(self, text: str) -> int:

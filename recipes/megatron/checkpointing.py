@@ -7,7 +7,7 @@ Offers:
 
 Layout of `ckpt_dir`:
     hf_config.json            the model's HF config: a checkpoint is self-describing
-    tokenizer/                HF tokenizer folder (the project's byte tokenizer unless another is given)
+    tokenizer/                the model's HF tokenizer files (the embedded students' unless another is given)
     iter_0000010/             one dist_checkpointing checkpoint: model (+ optimizer) shards, common.pt,
                               trainer_state.pt (step, scheduler state, `extra`) written by rank 0
     latest                    text file with the newest complete step
@@ -97,21 +97,16 @@ def _sharded_state_dict(model_chunks, optimizer, is_loading: bool) -> dict:
 
 
 def write_self_description(ckpt_dir, hf_config: dict, tokenizer_dir=None) -> None:
-    """hf_config.json + tokenizer/ in the checkpoint root (rank 0)."""
+    """hf_config.json + tokenizer/ (the model's tokenizer files, copied unchanged) in the checkpoint root (rank 0);
+    tokenizer_dir None: the embedded students' tokenizer, unless the checkpoint already has one."""
+    from recipes import tokenizer
+
     root = Path(ckpt_dir)
     root.mkdir(parents=True, exist_ok=True)
     _atomic_write(root / "hf_config.json", json.dumps(hf_config, indent=2))
     tok = root / "tokenizer"
-    if tokenizer_dir is not None:
-        tok.mkdir(exist_ok=True)
-        for p in Path(tokenizer_dir).iterdir():
-            if p.is_file() and (p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "vocab.json",
-                                                                               "merges.txt", "chat_template.jinja")):
-                shutil.copy2(p, tok / p.name)
-    elif not (tok / "tokenizer.json").exists():
-        from recipes.tokenizer import save_hf_tokenizer
-
-        save_hf_tokenizer(tok)
+    if tokenizer_dir is not None or not tok.is_dir():
+        tokenizer.load(tokenizer_dir).save(tok)
 
 
 def save_checkpoint(ckpt_dir, step: int, model_chunks: list, optimizer=None, scheduler=None, extra: dict | None = None,

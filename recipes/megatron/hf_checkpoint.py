@@ -7,7 +7,7 @@ checkpoint (SFT, KD, GRPO, rejection sampling, evaluation) and by `nrr convert`.
 
 The weight mapping itself lives in `recipes.megatron.hf_mapping`. A Megatron checkpoint loads at any TP/PP layout,
 so one process is enough for tiny models. The exported folder holds model.safetensors, config.json,
-generation_config.json and the tokenizer (with the chat template): transformers' `AutoModelForCausalLM` and vLLM
+generation_config.json and the model's own tokenizer files (with its chat template): transformers' `AutoModelForCausalLM` and vLLM
 load it as is.
 """
 
@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "vocab.json", "merges.txt")
-
 
 @contextlib.contextmanager
 def _runtime(tp: int, pp: int, seed: int = 0):
@@ -46,27 +41,11 @@ def _runtime(tp: int, pp: int, seed: int = 0):
         runtime.destroy_distributed()
 
 
-def _is_ours(tokenizer_dir) -> bool:
-    from recipes.tokenizer import check_compatible
-
-    try:
-        check_compatible(tokenizer_dir)
-    except (ValueError, FileNotFoundError):
-        return False
-    return True
-
-
 def _copy_tokenizer(src, dst: Path) -> None:
-    """Write the tokenizer into `dst`: regenerated when it is the project's (fresh chat template), else copied."""
-    if src is None or _is_ours(src):
-        from recipes.tokenizer import save_hf_tokenizer
+    """The model's tokenizer files into `dst`, unchanged (src None: the embedded students')."""
+    from recipes import tokenizer
 
-        save_hf_tokenizer(dst)
-        return
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in _TOKENIZER_FILES:
-        if (Path(src) / name).exists():
-            shutil.copy2(Path(src) / name, dst / name)
+    tokenizer.load(src).save(dst)
 
 
 def _hf_dtype(hf: dict) -> torch.dtype:
@@ -91,10 +70,13 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config: dict, out, t
 
 
 def _check_tokenizer(hf: dict, tokenizer_dir, where: str) -> None:
-    from recipes.megatron import providers
+    """Fail before any weight moves when the tokenizer has ids the model's embedding cannot hold."""
+    from recipes import tokenizer
 
-    has_tok = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists()
-    providers.check_tokenizer_fits(hf, tokenizer_dir if has_tok else None, where=where)
+    try:
+        tokenizer.load(tokenizer_dir).check_model_vocab(int(hf["vocab_size"]))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def import_from_hf(hf_dir, out, tp: int = 1, pp: int = 1, step: int = 0) -> Path:
@@ -108,20 +90,22 @@ def import_from_hf(hf_dir, out, tp: int = 1, pp: int = 1, step: int = 0) -> Path
     with _runtime(tp, pp) as (tp, pp):
         chunks = providers.build_model(hf, tp, pp, seed=0, ddp=False)
         hf_mapping.load_hf_into_megatron(chunks, weights, hf)
-        tok = hf_dir if (Path(hf_dir) / "tokenizer.json").exists() and not _is_ours(hf_dir) else None
-        return checkpointing.save_checkpoint(out, step, chunks, hf_config=hf, tokenizer_dir=tok)
+        return checkpointing.save_checkpoint(out, step, chunks, hf_config=hf, tokenizer_dir=hf_dir)
 
 
 def init_tiny_checkpoint(hf_config_path, out_dir, seed: int = 0) -> Path:
     """A randomly initialised Megatron checkpoint (step 0) of an HF config: the demo's base model."""
     from recipes.megatron import checkpointing, providers
 
+    from recipes.tokenizer import tokenizer_folder
+
     hf = providers.load_hf_config(hf_config_path)
     providers.family(hf)
-    _check_tokenizer(hf, None, str(hf_config_path))
+    tok_dir = tokenizer_folder(hf_config_path)  # the tokenizer shipped beside the config
+    _check_tokenizer(hf, tok_dir, str(hf_config_path))
     with _runtime(1, 1, seed) as (tp, pp):
         chunks = providers.build_model(hf, tp, pp, seed=seed, ddp=False)
-        return checkpointing.save_checkpoint(out_dir, 0, chunks, hf_config=hf)
+        return checkpointing.save_checkpoint(out_dir, 0, chunks, hf_config=hf, tokenizer_dir=tok_dir)
 
 
 def export_to_hf(ckpt, out, step: int | None = None, tp: int = 1, pp: int = 1) -> Path:
@@ -139,7 +123,7 @@ def export_to_hf(ckpt, out, step: int | None = None, tp: int = 1, pp: int = 1) -
             raise FileNotFoundError(f"{ckpt}: no complete checkpoint (no 'latest' marker)")
         state = hf_mapping.megatron_to_hf(chunks, hf)
         if runtime.rank() == 0:
-            write_hf_folder(state, hf, out, tok_dir if tok_dir.exists() else None)
+            write_hf_folder(state, hf, out, tok_dir)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     return Path(out)

@@ -240,29 +240,3 @@ def unwrap(model_chunks) -> list:
             chunk = chunk.module
         out.append(chunk)
     return out
-
-
-def tokenizer_vocab_size(tokenizer_dir=None) -> int:
-    """Token count of an HF tokenizer folder (its tokenizer.json), or of the project's tokenizer when None."""
-    if tokenizer_dir is None:
-        from recipes.tokenizer import vocab_size
-
-        return vocab_size()
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json")
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path)).get_vocab_size()
-
-
-def check_tokenizer_fits(hf: dict, tokenizer_dir=None, where: str = "config.json") -> None:
-    """Fail clearly when the tokenizer has ids the model's embedding cannot hold (a tokenizer/model mismatch)."""
-    n_tok = tokenizer_vocab_size(tokenizer_dir)
-    vocab = int(hf["vocab_size"])
-    if n_tok > vocab:
-        src = tokenizer_dir or "the project tokenizer (recipes.tokenizer)"
-        raise ValueError(
-            f"{where}: vocab_size={vocab} is smaller than the tokenizer's {n_tok} tokens ({src}); token ids "
-            f">= {vocab} would index past the embedding. Use a model config with vocab_size >= {n_tok} "
-            "(the tiny configs pad it to 384) or the tokenizer the model was trained with.")

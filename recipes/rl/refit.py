@@ -14,15 +14,14 @@ from pathlib import Path
 from recipes.generation.backend import RefitBackend
 
 
-def write_engine_dir(hf_config: dict, out_dir: str | Path) -> Path:
-    """The config + tokenizer folder a rollout engine starts from (weights arrive by refit, not from disk)."""
-    from recipes.tokenizer import save_hf_tokenizer
-
+def write_engine_dir(hf_config: dict, out_dir: str | Path, tokenizer) -> Path:
+    """The config + tokenizer folder a rollout engine starts from (weights arrive by refit, not from disk): the
+    model's own tokenizer files, so the engine tokenizes, stops and detokenizes as the trainer does."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {**hf_config, "torch_dtype": "float32"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_hf_tokenizer(out)
+    tokenizer.save(out)
     return out
 
 

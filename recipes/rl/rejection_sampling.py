@@ -18,14 +18,14 @@ class RejectionConfig:
     """`rejection:` of a GRPO config, read in `mode: rejection_sample`."""
 
     samples_per_problem: int = 8
-    problems_per_level: int = 50  # train problems of each of prompts.levels
+    problems_per_level: int = 50  # embedded task: train problems of each of prompts.levels (a dataset: prompts.limit)
     max_keep_per_problem: int = 2  # distinct correct responses kept per problem
     out: str | None = None  # the JSONL written (default: <output_dir>/rejection_sampled.jsonl)
 
 
 def select_correct(problem: dict, responses: list[str], max_keep: int | None = None) -> list[str]:
     """Distinct responses whose final answer the grader accepts (the think block must be closed)."""
-    from recipes import chat_template as ct
+    from recipes import response_format as ct
     from recipes.grader import grade_response
 
     kept: list[str] = []
@@ -46,36 +46,35 @@ def to_record(problem: dict, response: str, k: int, provenance: dict) -> dict:
                        teacher=provenance.get("policy", "policy"), level=problem.get("level"), provenance=provenance)
 
 
-def run(cfg) -> dict:
-    """Single process: load the policy, fill a rollout engine by refit, sample, verify, write JSONL."""
-    from recipes import task
-    from recipes.megatron.hf_checkpoint import load_pretrained
-    from recipes.megatron import providers, runtime
-    from recipes.rl.refit import refit, write_engine_dir
-    from recipes.rl.rollout import prompt_ids, start_engine
+def run(cfg, hf: dict, tokenizer, problems: list[dict]) -> dict:
+    """Single process: load the policy (architecture `hf`), fill a rollout engine by refit, sample the problems
+    ({id, problem, answer}) with the model's own tokenizer and template, verify, write JSONL."""
     from recipes.config import resolve_path
     from recipes.data.trace_record import write_records
+    from recipes.megatron import providers, runtime
+    from recipes.megatron.hf_checkpoint import load_pretrained
+    from recipes.rl.refit import refit, write_engine_dir
+    from recipes.rl.rollout import start_engine
 
     opts = cfg.rejection
     runtime.init_distributed(1, 1, seed=cfg.training.seed)
-    hf = providers.load_hf_config(resolve_path(cfg.model.hf_config))
     chunks = providers.build_model(hf, 1, 1, seed=cfg.training.seed, ddp=False)
     if cfg.model.init_checkpoint:
         load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
     run_dir = Path(cfg.output_dir)
-    backend = start_engine(cfg.rollout, write_engine_dir(hf, run_dir / "engine"),
+    backend = start_engine(cfg.rollout, write_engine_dir(hf, run_dir / "engine", tokenizer),
                            max_model_len=int(hf.get("max_position_embeddings", 512)), seed=cfg.training.seed)
     refit(backend, chunks, hf)
-    problems = task.train_problems(cfg.prompts.levels, opts.problems_per_level, seed=cfg.prompts.seed + 7)
     n = opts.samples_per_problem
-    outs = backend.generate([prompt_ids(p) for p in problems], cfg.rollout.sampling(n, cfg.training.seed))
+    outs = backend.generate([tokenizer.prompt_ids(p["problem"]) for p in problems],
+                            cfg.rollout.sampling(n, cfg.training.seed))
     provenance = {"policy": str(cfg.model.init_checkpoint or "random-init"), "samples_per_problem": n,
                   "temperature": cfg.rollout.temperature, "seed": cfg.training.seed}
     records, solved = [], 0
     for p, comps in zip(problems, outs):
-        kept = select_correct(p.to_dict(), [c.text for c in comps], opts.max_keep_per_problem)
+        kept = select_correct(p, [tokenizer.response_text(c.text) for c in comps], opts.max_keep_per_problem)
         solved += bool(kept)
-        records += [to_record(p.to_dict(), text, k, provenance) for k, text in enumerate(kept)]
+        records += [to_record(p, text, k, provenance) for k, text in enumerate(kept)]
     out = Path(opts.out or run_dir / "rejection_sampled.jsonl")
     write_records(records, out)
     summary = {"problems": len(problems), "solved": solved, "records": len(records), "out": str(out),

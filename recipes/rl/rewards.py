@@ -13,7 +13,7 @@ import re
 import unicodedata
 from typing import Callable
 
-from recipes import chat_template as ct
+from recipes import response_format as ct
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Rollouts: the prompt ids of a task problem, the rollout config, and the engine GRPO samples from.
+"""Rollouts: the rollout config and the engine GRPO and rejection sampling sample from.
 
 The engine is a generation backend (`recipes.generation`) whose weights the trainer replaces in memory:
 `vllm` (an engine in this process) or `hf` (transformers, where vLLM is not available). It starts with
@@ -11,14 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from recipes import chat_template as ct
-from recipes import tokenizer as tok
 from recipes.generation import RefitBackend, SamplingParams, make_backend
-
-
-def prompt_ids(problem) -> list[int]:
-    """The token ids of a task problem's prompt (`recipes.task.Problem`), rendered with the chat template."""
-    return tok.encode(ct.render_prompt(problem.question))
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Literal
 
-from recipes.chat_template import THINK_OPEN, split_response
+from recipes.response_format import THINK_OPEN, split_response
 from recipes.teacher.traces import TraceConfig, make_trace
 
 
@@ -74,7 +74,12 @@ class TeacherServer:
     """The HTTP server plus its state (fault RNG, log file, counters)."""
 
     def __init__(self, cfg: TeacherServerConfig):
+        from recipes import tokenizer
+
         self.cfg = cfg
+        # the embedded students' tokenizer counts usage and caps max_tokens; loaded before the first request, so a
+        # client's timeout never covers the load
+        self.tokenizer = tokenizer.load()
         self._fault_rng = random.Random(cfg.faults.seed)
         self._lock = threading.Lock()
         self._log = None
@@ -149,11 +154,10 @@ class TeacherServer:
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         choices = []
         completion_tokens = 0
-        from recipes import tokenizer
-
+        tok = self.tokenizer
         for i in range(n):
             trace = make_trace(question, seed + i, self.cfg.traces, int(max_tokens) if max_tokens else None)
-            completion_tokens += len(tokenizer.encode(trace.text))
+            completion_tokens += len(tok.encode(trace.text))
             choices.append({
                 "index": i,
                 "message": assistant_message(trace.text, self.cfg.reasoning_field),
@@ -163,7 +167,7 @@ class TeacherServer:
             })
             self._record({"time": time.time(), "question": question, "seed": seed + i,
                           "defect": trace.defect, "injected": trace.injected, "finish_reason": trace.finish_reason})
-        prompt_tokens = sum(len(tokenizer.encode(str(m.get("content", "")))) for m in messages if isinstance(m, dict))
+        prompt_tokens = sum(len(tok.encode(str(m.get("content", "")))) for m in messages if isinstance(m, dict))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
             "object": "chat.completion",

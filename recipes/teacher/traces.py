@@ -16,7 +16,7 @@ import random
 import re
 
 from recipes import task
-from recipes.chat_template import THINK_CLOSE, THINK_OPEN, format_response
+from recipes.response_format import THINK_CLOSE, THINK_OPEN, format_response
 
 # what the filters must remove; "contaminated" comes from the problem, not the response
 RESPONSE_DEFECTS = (
@@ -187,8 +187,9 @@ def _cap_tokens(trace: Trace, max_tokens: int) -> Trace:
     """A response longer than the request's max_tokens is cut there, as a server would."""
     from recipes import tokenizer
 
-    ids = tokenizer.encode(trace.text)
+    tok = tokenizer.load()  # the embedded teacher speaks the embedded students' tokenizer
+    ids = tok.encode(trace.text)
     if len(ids) <= max_tokens:
         return trace
     label = trace.defect if trace.defect != "none" else "truncated"
-    return Trace(tokenizer.decode(ids[:max_tokens]), "length", label, trace.injected)
+    return Trace(tok.decode(ids[:max_tokens]), "length", label, trace.injected)

@@ -25,9 +25,7 @@ def main() -> None:
     parser.add_argument("--backend", default="vllm")
     args = parser.parse_args()
 
-    from recipes import chat_template as ct
-    from recipes import task
-    from recipes import tokenizer as tok
+    from recipes import task, tokenizer
     from recipes.megatron import providers, runtime, train_step
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import RolloutConfig, start_engine
@@ -39,10 +37,12 @@ def main() -> None:
     opt = train_step.build_optimizer(chunks, lr=3e-3)
     # a few SFT steps on task traces: the distribution becomes peaked, so a mapping bug would show
     problems = task.train_problems([2], 4, seed=0)
-    seqs = [tok.encode(ct.render([{"role": "user", "content": p.question},
-                                  {"role": "assistant", "content": task.assistant_response(p)}])) for p in problems]
+    tok = tokenizer.load()
+    seqs = [tok.tokenize_conversation([{"role": "user", "content": p.question},
+                                       {"role": "assistant", "content": task.assistant_response(p)}])[0]
+            for p in problems]
     s = max(map(len, seqs))
-    tokens = torch.full((len(seqs), s), tok.pad_id())
+    tokens = torch.full((len(seqs), s), tok.pad_id)
     mask = torch.zeros(len(seqs), s)
     for i, q in enumerate(seqs):
         tokens[i, :len(q)] = torch.tensor(q)
@@ -57,7 +57,7 @@ def main() -> None:
     backend = None
     if rank0:
         cfg = RolloutConfig(backend=args.backend, kv_cache_mb=64, cpu_threads=1)
-        backend = start_engine(cfg, write_engine_dir(hf, out_dir / "engine"), in_process=runtime.world_size() == 1)
+        backend = start_engine(cfg, write_engine_dir(hf, out_dir / "engine", tok), in_process=runtime.world_size() == 1)
     seconds = refit(backend, chunks, hf)
     megatron_lp = train_step.logprobs_of(chunks, tokens)  # collective: every rank
     if rank0:

@@ -35,7 +35,7 @@ def family_config(name: str) -> dict:
 def main() -> None:
     import transformers
 
-    from recipes.tokenizer import save_hf_tokenizer
+    from recipes import tokenizer
 
     name, work = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def main() -> None:
             if "norm" in n:
                 p.add_(torch.rand_like(p) * 0.5)
     ref.save_pretrained(work / "hf_in")
-    save_hf_tokenizer(work / "hf_in")
+    tokenizer.load().save(work / "hf_in")
     original = hf_mapping.read_hf_weights(work / "hf_in")
 
     hf_checkpoint.import_from_hf(work / "hf_in", work / "ckpt")

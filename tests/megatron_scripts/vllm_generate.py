@@ -23,14 +23,14 @@ def build(work: Path) -> Path:
 
     from recipes.megatron import hf_checkpoint
     from recipes.megatron import providers
-    from recipes.tokenizer import save_hf_tokenizer
+    from recipes import tokenizer
 
     hf = providers.load_hf_config(Path(__file__).resolve().parents[2] / "recipes/assets/models/tiny-qwen2")
     hf["initializer_range"] = 0.1
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf), dtype=torch.float32)
     model.save_pretrained(work / "hf_in")
-    save_hf_tokenizer(work / "hf_in")
+    tokenizer.load().save(work / "hf_in")
     hf_checkpoint.import_from_hf(work / "hf_in", work / "ckpt")
     hf_checkpoint.export_to_hf(work / "ckpt", work / "hf_out")
     return work / "hf_out"
@@ -53,9 +53,9 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
 def main() -> None:
     work = Path(sys.argv[1])
     model_dir = build(work)
-    from recipes import chat_template, tokenizer
+    from recipes import tokenizer
 
-    prompts = [tokenizer.encode(chat_template.render_prompt(p)) for p in PROMPTS]
+    prompts = [tokenizer.load().prompt_ids(p) for p in PROMPTS]
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -14,19 +14,21 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
+    from recipes import tokenizer
     from recipes.data import sft_dataset as sd
     from recipes.megatron import providers, runtime, train_step
 
     runtime.init_distributed(1, 1, seed=0)
     hf = providers.load_hf_config("recipes/assets/models/tiny-qwen2/config.json")
     path = sd.write_records(sd.task_records([1, 2, 3], 8, seed=5), Path(sys.argv[1]) / "corpus.jsonl")
-    examples, _ = sd.load_examples(path, sd.DataConfig(seq_length=128), hf["vocab_size"])  # 24 examples
+    tok = tokenizer.load()
+    examples, _ = sd.load_examples(path, sd.DataConfig(seq_length=128), hf["vocab_size"], tok)  # 24 examples
     chunks = providers.build_model(hf, 1, 1, seed=0)
     out = {"examples": len(examples)}
     # packed: one row per micro batch; padded: 4 rows per micro batch. The loss is a token mean over
     # the whole global batch either way, so both must agree up to float rounding.
     for name, packing, mbs in (("packed", True, 1), ("padded", False, 4)):
-        rows = sd.build_rows(examples, 128, packing=packing)
+        rows = sd.build_rows(examples, 128, packing=packing, pad_id=tok.pad_id)
         micro = sd.micro_batches(rows, mbs)
         for c in chunks:
             c.zero_grad_buffer()
