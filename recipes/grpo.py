@@ -332,6 +332,8 @@ def heldout_accuracy(backend, tokenizer, cfg: HeldoutConfig, max_tokens: int) ->
     or the mean over `cfg.samples` responses sampled at `cfg.temperature`."""
     from recipes.grader import grade_response
 
+    if not cfg.levels:  # no held-out check
+        return {}
     out = {}
     n = cfg.samples if cfg.temperature > 0 else 1
     for lvl in cfg.levels:
@@ -432,7 +434,7 @@ def train(cfg: GRPOConfig) -> dict:
     sampler = PromptSampler(cfg.prompts)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, enabled=rank0)
-    summary: dict = {"start_step": start}
+    summary: dict = {"start_step": start, "stop_ids": sorted(backend.stop_ids) if rank0 else None}
     if rank0 and start == 0:
         summary["eval_before"] = heldout_accuracy(backend, tokenizer, cfg.eval, cfg.rollout.max_tokens)
         logger.log(0, summary["eval_before"], prefix="eval/")
@@ -493,6 +495,8 @@ def train(cfg: GRPOConfig) -> dict:
 
             done = step + 1
             metrics = step_metrics(groups, batch, loss_stats, reports, sample_stats, tokenizer)
+            if rank0:
+                log_rollouts(run_dir / "rollouts.jsonl", done, groups[:1], tokenizer)
             metrics.update(gen_seconds=t_gen, train_seconds=t_train, refit_seconds=t_refit,
                            step_seconds=t_gen + t_train + t_refit)
             logger.log(done, metrics)
@@ -522,6 +526,15 @@ def train(cfg: GRPOConfig) -> dict:
                             f"{summary.get('eval_before')} -> {summary['eval_after']}; run dir {run_dir}")
         backend.close()
     return summary
+
+
+def log_rollouts(path: Path, step: int, groups: list[Group], tokenizer) -> None:
+    """Each step's first group as text: the prompt the policy saw and what it wrote, with the rewards."""
+    with open(path, "a", encoding="utf-8") as f:
+        for gr in groups:
+            f.write(json.dumps({"step": step, "problem_id": gr.problem["id"], "prompt": tokenizer.decode(gr.prompt),
+                                "responses": [tokenizer.decode(r) for r in gr.responses], "rewards": gr.rewards},
+                               ensure_ascii=False) + "\n")
 
 
 def _out_of_time(t_start: float, minutes: float) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from recipes.data import sft_dataset as sd
-from recipes.data.schemas import DatasetSource, read_traces
+from recipes.data.schemas import DatasetSource, read_prompts, read_traces
 from recipes.trainer import ModelConfig, model_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +127,36 @@ def test_bad_models_and_datasets_fail_clearly_before_anything_is_written(familie
     assert "[model_output, question_text] match no known schema" in proc.stderr
     assert "openr1: problem, generations, correctness_math_verify" in proc.stderr and "`fields`" in proc.stderr
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_nrr_grpo_samples_a_family_model_on_gsm8k_prompts_through_vllm(families, tmp_path, data_root):
+    """GRPO on GSM8K train prompts with a Llama-3.1-shaped model: vLLM rollouts with its template, tokenizer and
+    its three stop ids (generation_config.json), the rewards graded against GSM8K's `#### N` answers."""
+    from transformers import AutoTokenizer
+
+    folder, run = families["llama3.1"], tmp_path / "grpo"
+    gsm8k = data_root / "gsm8k" / "train.jsonl"
+    cmd = [sys.executable, "-m", "recipes.grpo", "--config", "nemo_configs/grpo/tiny_cpu.yaml",
+           f"model.init_checkpoint={folder}", f"prompts.dataset={gsm8k}", "prompts.limit=64", f"output_dir={run}",
+           "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.micro_batch_size=8",
+           "grpo.minibatches=2", "rollout.max_tokens=16", "rollout.kv_cache_mb=64", "eval.levels=[]",
+           "rewards.weights={accuracy: 1.0, overlong: 1.0}", "checkpoint.every_steps=0", "logging.progress=false",
+           "logging.tensorboard=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert summary["stop_ids"] == sorted(generation["eos_token_id"]) and len(summary["stop_ids"]) == 3
+    prompts = {p["id"]: p for _, p in read_prompts(DatasetSource(str(gsm8k)))}
+    reference = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rollouts] == [1, 2]
+    for r in rollouts:
+        question = prompts[r["problem_id"]]["problem"]
+        assert r["prompt"] == reference.apply_chat_template([{"role": "user", "content": question}],
+                                                            add_generation_prompt=True, tokenize=False)
+        assert len(r["responses"]) == 4 and all(0.0 >= x >= -1.0 for x in r["rewards"])  # random weights: wrong
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"reward/mean"' in line]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["accuracy"] == 0.0 for m in metrics)

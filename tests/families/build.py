@@ -4,7 +4,7 @@ Each checkpoint has what a real one has where it matters to our code: the family
 template (the `*.jinja` files next to this module), its special tokens with their real names and roles
 (bos / eos / pad, end-of-turn, think tags, in the family's relative order), the family's pre-tokenizer
 regex, `generation_config.json` with the family's eos ids (Llama 3.1 lists three), and a model of the
-family's architecture (2 layers, hidden 64) with random weights. The byte-level BPE vocabulary is
+family's architecture (2 layers, hidden 128) with random weights. The byte-level BPE vocabulary is
 trained on the repository's own text, so a tokenizer has merges and a few thousand tokens at most
 instead of 150k, and everything is built locally in a second or two.
 
@@ -136,8 +136,8 @@ def build_family(name: str, out_dir: str | Path, vocab_size: int = 1024, seed: i
     n_tokens = tok.get_vocab_size(with_added_tokens=True)
     model_type = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}[spec["arch"]]
     cfg = AutoConfig.for_model(
-        model_type, vocab_size=-(-n_tokens // 64) * 64, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        model_type, vocab_size=-(-n_tokens // 64) * 64, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # vLLM CPU: head_dim >= 32
         max_position_embeddings=2048, tie_word_embeddings=model_type != "llama",
         bos_token_id=ids[spec["gen_bos"]], eos_token_id=gen_eos[0] if len(gen_eos) == 1 else gen_eos,
         architectures=[spec["arch"]])
