@@ -23,6 +23,9 @@ class InputConfig:
     extra_fields: list[str] = dataclasses.field(default_factory=list)  # carried into the output
     limit: int = 0  # 0: every record
     on_bad_record: Literal["error", "skip"] = "error"  # skip: quarantine it and go on
+    # a trace dataset (`generation.source: traces`) is read by recipes.data.schemas, not by the fields above:
+    schema: str = "auto"  # openr1, nemotron, openthoughts, numina, messages, pair, record; auto: from the columns
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)  # our field name -> the dataset's column
 
 
 @dataclasses.dataclass
@@ -39,9 +42,10 @@ class EmbeddedProblemsConfig:
 
 @dataclasses.dataclass
 class TeacherRequestConfig:
-    """The teacher behind an OpenAI-compatible endpoint (or human solutions, `source: solution`)."""
+    """The teacher behind an OpenAI-compatible endpoint (or human solutions, `source: solution`, or no teacher:
+    the input is a dataset of finished traces, curated as it is, `source: traces`)."""
 
-    source: Literal["endpoint", "solution"] = "endpoint"
+    source: Literal["endpoint", "solution", "traces"] = "endpoint"
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "nrr-embedded-teacher"
     api_key_env: str | None = None  # name of the env var holding the key (never the key itself)
@@ -60,7 +64,7 @@ class TeacherRequestConfig:
     max_retries: int = 5  # after the first attempt, on 429 / 5xx / timeouts / connection errors
     backoff_s: float = 0.5  # first retry delay, doubled each retry (with jitter), capped below
     backoff_max_s: float = 8.0
-    teacher_name: str | None = None  # provenance label; default: the model name
+    teacher_name: str | None = None  # provenance label; default: the model name (traces: the rows' own, else None)
 
 
 @dataclasses.dataclass
@@ -71,8 +75,13 @@ class FilterConfig:
     format: bool = True  # one closed think block, an answer present
     correctness: bool = True  # the answer graded against the reference (recipes.grader)
     grade_timeout_s: float = 5.0
+    # a record without a reference (a trace dataset's chat or code rows) cannot be verified: keep it (counted as
+    # "unverified" in the report) or drop it
+    unverified: Literal["keep", "drop"] = "drop"
     length: bool = True
     max_tokens: int = 512  # prompt + response, rendered with the student's chat template
+    # the student's tokenizer folder (an HF model or tokenizer folder); None: the embedded students'
+    student_tokenizer: str | None = None
     min_response_tokens: int = 1
     repetition: bool = True
     ngram_chars: int = 12  # looping: a character n-gram repeated...

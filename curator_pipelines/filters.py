@@ -18,7 +18,7 @@ from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.config import FilterConfig
 from curator_pipelines.records import apply_verdicts, log_stage
-from recipes.chat_template import THINK_CLOSE, THINK_OPEN, split_response
+from recipes.response_format import THINK_CLOSE, THINK_OPEN, split_response
 
 Verdict = tuple[bool, float | None, str]  # (pass, score, reason: "" when it passes)
 
@@ -67,6 +67,15 @@ def judge_truncation(rec: dict, cfg: FilterConfig) -> Verdict:
     return True, 1.0, ""
 
 
+def no_think(rec: dict) -> bool:
+    """A no-think record (a trace dataset's reasoning-off rows): its think block is empty on purpose."""
+    return rec.get("enable_thinking") is not None and not rec["enable_thinking"]
+
+
+def has_reference(rec: dict) -> bool:
+    return isinstance(rec.get("reference"), str)
+
+
 def judge_format(rec: dict, cfg: FilterConfig) -> Verdict:
     n_open, n_close = rec["n_think_open"], rec["n_think_close"]
     if n_open == 0 and n_close == 0:
@@ -77,9 +86,13 @@ def judge_format(rec: dict, cfg: FilterConfig) -> Verdict:
         return False, 0.0, "unclosed_think"
     if n_open == 1 and rec["response"].index(THINK_OPEN) > rec["response"].index(THINK_CLOSE):
         return False, 0.0, "think_tags_out_of_order"
-    if not (rec.get("think") or "").strip():
+    thinking = bool((rec.get("think") or "").strip())
+    if not thinking and not no_think(rec):
         return False, 0.0, "empty_think"
-    if rec.get("predicted") is None:
+    if thinking and no_think(rec):
+        return False, 0.0, "thinking_in_no_think_record"
+    # an answer the grader can read where there is a reference to grade it against, else any answer text
+    if rec.get("predicted") is None and (has_reference(rec) or not (rec.get("answer_part") or "").strip()):
         return False, 0.0, "no_answer"
     return True, 1.0, ""
 
@@ -99,25 +112,32 @@ def reference_value(reference: str):
 def judge_correctness(rec: dict, cfg: FilterConfig) -> Verdict:
     from recipes.grader import grade
 
+    if not has_reference(rec):  # nothing to verify against: kept or dropped as configured, counted either way
+        return cfg.unverified == "keep", None, "unverified"
     ok = grade(rec.get("predicted"), reference_value(rec["reference"]), timeout=cfg.grade_timeout_s)
     return ok, float(ok), "" if ok else "wrong_answer"
 
 
-def render_tokens(problem: str, response: str) -> int:
-    """Tokens of prompt + response as the student sees them (its chat template and tokenizer)."""
-    from recipes.chat_template import render
-    from recipes.tokenizer import encode
+def render_tokens(problem: str, response: str, cfg: FilterConfig,
+                  enable_thinking: bool | None = None) -> tuple[int, int]:
+    """(tokens of prompt + response, tokens of the response) as the student trains on them: its tokenizer and
+    chat template, in the record's think mode where the template can switch to it (as SFT renders it)."""
+    from recipes.tokenizer import load
 
-    return len(encode(render([{"role": "user", "content": problem}, {"role": "assistant", "content": response}])))
+    tok = load(cfg.student_tokenizer)
+    think = None if enable_thinking is None else bool(enable_thinking)
+    if think not in tok.thinking_modes:  # a mode the template cannot switch to: its default (as SFT does)
+        think = None
+    ids, mask = tok.tokenize_conversation([{"role": "user", "content": problem},
+                                           {"role": "assistant", "content": response}], enable_thinking=think)
+    return len(ids), sum(mask)
 
 
 def judge_length(rec: dict, cfg: FilterConfig) -> Verdict:
-    n = render_tokens(rec["problem"], rec["response"])
+    n, response = render_tokens(rec["problem"], rec["response"], cfg, rec.get("enable_thinking"))
     if n > cfg.max_tokens:
         return False, float(n), "too_long"
-    from recipes.tokenizer import encode
-
-    if len(encode(rec["response"])) < cfg.min_response_tokens:
+    if response - 1 < cfg.min_response_tokens:  # the response's tokens, without its end-of-turn token
         return False, float(n), "too_short"
     return True, float(n), ""
 

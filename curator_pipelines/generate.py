@@ -34,7 +34,7 @@ from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.config import TeacherRequestConfig
 from curator_pipelines.records import log_stage, record_id
-from recipes.chat_template import THINK_CLOSE, THINK_OPEN, format_response
+from recipes.response_format import THINK_CLOSE, THINK_OPEN, format_response
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # where reasoning endpoints put the thinking: the DeepSeek API and older vLLM, then newer vLLM

@@ -2,6 +2,9 @@
 
     read -> generate -> parse -> filter_* -> dedup_exact -> dedup_fuzzy -> decontam -> select -> write -> report
 
+With `generation.source: traces` the input is a dataset of finished traces and `read` (`ReadTracesStage`)
+stands for read + generate: the traces are curated as they are, through the same stages.
+
 The reader emits the whole problem set as one `DocumentBatch`, so the global stages (dedup,
 selection) see every record. A run gets its own Ray session (`curator_pipelines.ray_session`). With
 `embedded_teacher`, the teacher server runs as a child process for the length of the run.
@@ -40,6 +43,7 @@ def resolve_paths(cfg: CurateConfig, root: Path | None = None) -> CurateConfig:
         return None if p is None else str((root / p).resolve())
 
     cfg = dataclasses.replace(cfg, data_root=absolute(cfg.data_root))
+    check_input(cfg)
     path = absolute(cfg.input.path)
     if cfg.input.dataset:
         named = str(catalog.path_of(cfg.input.dataset, cfg.data_root).resolve())
@@ -49,13 +53,37 @@ def resolve_paths(cfg: CurateConfig, root: Path | None = None) -> CurateConfig:
         path = named
     elif path is None:
         raise ConfigError("input: set `path` (a .jsonl / .parquet file or a datasets folder) or `dataset` "
-                          "(a name from `nrr data list`)")
+                          "(a name from `nrr data list`)"
+                          + ("; with generation.source=traces, the trace dataset" if reads_traces(cfg) else ""))
     cfg.input = dataclasses.replace(cfg.input, path=path)
     cfg.output_dir = absolute(cfg.output_dir)
     paths = [absolute(p) for p in cfg.decontam.benchmark_paths]
     cfg.decontam = dataclasses.replace(cfg.decontam, benchmark_paths=paths)
     cfg.generation = dataclasses.replace(cfg.generation, teacher_config=absolute(cfg.generation.teacher_config))
     return cfg
+
+
+def reads_traces(cfg: CurateConfig) -> bool:
+    """The input is a dataset of finished traces, curated without a teacher."""
+    return cfg.generation.source == "traces"
+
+
+def check_input(cfg: CurateConfig) -> None:
+    """The combinations of keys a trace dataset (generation.source=traces) does not go with."""
+    inp = cfg.input
+    if not reads_traces(cfg):
+        if inp.schema != "auto" or inp.fields:
+            key = "input.schema" if inp.schema != "auto" else "input.fields"
+            raise ConfigError(f"{key} describes a trace dataset, but generation.source={cfg.generation.source!r} "
+                              f"reads problems (input.problem_field, input.answer_field): set "
+                              f"generation.source=traces to curate the input's traces, or drop {key}")
+        return
+    if cfg.embedded_problems.enabled:
+        raise ConfigError("embedded_problems.enabled writes problems for a teacher, but generation.source=traces "
+                          "curates the traces of input.path as they are: set embedded_problems.enabled=false")
+    if inp.on_bad_record == "skip":
+        raise ConfigError("input.on_bad_record=skip: a trace dataset stops at its first bad row (the error names "
+                          "its file and row); set input.on_bad_record=error and fix or remove that row")
 
 
 def write_embedded_problems(cfg: CurateConfig) -> int:
@@ -122,15 +150,18 @@ def build_pipeline(cfg: CurateConfig, show_progress: bool = True):
     from curator_pipelines.dedup import dedup_stages
     from curator_pipelines.filters import ParseStage, filter_stages
     from curator_pipelines.generate import GenerateStage
-    from curator_pipelines.read import ReadProblemsStage
+    from curator_pipelines.read import ReadProblemsStage, ReadTracesStage
     from curator_pipelines.report import ReportStage
     from curator_pipelines.select import SelectStage
     from curator_pipelines.write import WriteStage
 
     out = Path(cfg.output_dir)
-    stages = [
+    responses = [ReadTracesStage(cfg.input, cfg.generation.teacher_name)] if reads_traces(cfg) else [
         ReadProblemsStage(cfg.input, str(out / QUARANTINE_FILE)),
         GenerateStage(cfg.generation, str(out / RESULTS_FILE), show_progress),
+    ]
+    stages = [
+        *responses,
         ParseStage(),
         *filter_stages(cfg.filters),
         *dedup_stages(cfg.dedup),
@@ -162,10 +193,14 @@ def run_curation(cfg: CurateConfig, show_progress: bool = True) -> dict:
     save_config(cfg, out / "config.yaml")
     if cfg.embedded_problems.enabled:
         write_embedded_problems(cfg)
-    # a malformed input fails here, in seconds, before Ray and the teacher start (the read stage reads it again)
-    from curator_pipelines.read import read_problems
+    # a malformed input fails here, in seconds, before Ray and the teacher start (the read stage reads it again);
+    # of a trace dataset, the first trace: its schema, the `fields` mapping (a later bad row stops the read stage)
+    from curator_pipelines.read import read_problems, read_traces
 
-    problems, _ = read_problems(cfg.input)
+    if reads_traces(cfg):
+        read_traces(cfg.input, first_only=True)
+    else:
+        problems, _ = read_problems(cfg.input)
     if cfg.generation.source == "endpoint":
         from curator_pipelines.generate import api_key
 

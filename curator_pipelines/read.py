@@ -3,10 +3,15 @@
 A malformed record (bad JSON, a missing field, bytes that are not UTF-8) stops the run with an
 error naming the file and line, or, with `on_bad_record: skip`, goes to `quarantine.jsonl` with
 the same information while every good record is read.
+
+With `generation.source: traces` the input is a dataset of finished traces instead (OpenR1-Math-220k,
+Llama-Nemotron post-training, OpenThoughts, ...: `recipes.data.schemas`): `ReadTracesStage` turns each trace
+into the row the generation stage would have made, so every later stage treats both alike.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import time
@@ -18,7 +23,7 @@ from nemo_curator.stages.resources import Resources
 from nemo_curator.tasks import DocumentBatch, EmptyTask
 
 from curator_pipelines.config import InputConfig
-from curator_pipelines.records import log_stage
+from curator_pipelines.records import log_stage, record_id
 
 
 class BadRecordError(ValueError):
@@ -178,3 +183,82 @@ class ReadProblemsStage(ProcessingStage[EmptyTask, DocumentBatch]):
         log_stage(metadata, self.name, len(df) + n_bad, len(df), {"quarantined": n_bad} if n_bad else {},
                   time.perf_counter() - started, unit="problems")
         return DocumentBatch(dataset_name="problems", data=df, _metadata=metadata)
+
+
+# ------------------------------------------------------------------ finished traces (no generation)
+
+# a trace record's own keys; the rest of it (schema, original id, the dataset's provenance) goes to `extra`
+_RECORD_KEYS = ("id", "messages", "enable_thinking", "problem_id", "reference", "source", "teacher")
+
+
+def trace_source(cfg: InputConfig, teacher: str | None = None):
+    from recipes.data.schemas import DatasetSource
+
+    # every generation is read (OpenR1's math-verify rejects too): the correctness filter judges and counts them
+    return DatasetSource(cfg.path, schema=cfg.schema, fields=dict(cfg.fields), keep_incorrect=True, teacher=teacher)
+
+
+def read_traces(cfg: InputConfig, teacher: str | None = None, first_only: bool = False) -> pd.DataFrame:
+    """One row per trace, with the columns the generation stage gives its results (`kept` True): the problem,
+    `response` (the assistant message), `enable_thinking` as the dataset has it, and in `extra` the schema,
+    the dataset's record id, row and provenance. The schemas' DataError comes as a BadRecordError."""
+    from recipes.data import schemas
+    from recipes.data.trace_record import DataError
+
+    rows: list[dict] = []
+    n_samples: collections.Counter = collections.Counter()
+    try:
+        for where, rec in schemas.read_traces(trace_source(cfg, teacher)):
+            turns = {m.get("role"): m.get("content") for m in rec["messages"]}
+            if not isinstance(turns.get("user"), str) or not isinstance(turns.get("assistant"), str):
+                raise BadRecordError(f"{where}: a trace needs a user and an assistant message")
+            pid = str(rec["problem_id"])
+            sample = n_samples[pid]  # the k-th trace of this problem in the dataset
+            n_samples[pid] += 1
+            provenance = {k: v for k, v in rec.items() if k not in _RECORD_KEYS and k != "schema"}
+            rows.append({
+                "problem_id": pid,
+                "problem": turns["user"],
+                "reference": None if rec.get("reference") is None else str(rec["reference"]),
+                "source": rec.get("source") or Path(cfg.path).name,
+                "extra": json.dumps({"schema": rec.get("schema", "record"), "original_id": rec.get("id"),
+                                     "where": where, **provenance}, default=str, ensure_ascii=False),
+                "sample_index": sample,
+                "record_id": record_id(pid, sample),
+                "response": turns["assistant"],
+                "enable_thinking": bool(rec.get("enable_thinking", True)),
+                "teacher": rec.get("teacher"),
+                "kept": True,
+                "dropped_by": None,
+                "drop_reason": None,
+            })
+            if first_only or (cfg.limit and len(rows) >= cfg.limit):
+                break
+    except DataError as err:
+        raise BadRecordError(str(err)) from None
+    if not rows:
+        raise BadRecordError(f"{cfg.path}: no traces in this dataset")
+    return pd.DataFrame(rows)
+
+
+class ReadTracesStage(ProcessingStage[EmptyTask, DocumentBatch]):
+    """Reads a trace dataset into one batch of records as generated (the generation stage is left out)."""
+
+    name = "read"
+    resources = Resources(cpus=0.5)
+
+    def __init__(self, cfg: InputConfig, teacher: str | None = None):
+        self.cfg = cfg
+        self.teacher = teacher
+
+    def process(self, task: EmptyTask) -> DocumentBatch:
+        started = time.perf_counter()
+        df = read_traces(self.cfg, self.teacher)
+        extra = [json.loads(e) for e in df["extra"]]
+        think = int(df["enable_thinking"].sum())
+        metadata: dict = {}
+        log_stage(metadata, self.name, len(df), len(df), {}, time.perf_counter() - started, unit="traces",
+                  dataset=self.cfg.path, schema=sorted({e["schema"] for e in extra}),
+                  rows=len({e["where"] for e in extra}), problems=int(df["problem_id"].nunique()),
+                  think=think, no_think=len(df) - think)
+        return DocumentBatch(dataset_name="traces", data=df, _metadata=metadata)

@@ -3,7 +3,8 @@
 One row per (problem, sample). A row is never deleted by a filter: it is marked (`kept` False,
 `dropped_by`, `drop_reason`), so the report can count every stage's input and output and the
 rejected records can be written with their reasons. Each filter also stores its own verdict and
-score in `f_<name>_pass` / `f_<name>_score` / `f_<name>_reason` (provenance of the kept records).
+score in `f_<name>_pass` / `f_<name>_score` / `f_<name>_reason` (provenance of the kept records; a kept record
+may have a reason too, e.g. "unverified", counted in the stage's `kept_flagged`).
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ def apply_verdicts(df: pd.DataFrame, name: str, verdicts: dict[int, tuple[bool, 
     scores = [None] * len(df)
     reasons_col = [""] * len(df)
     counts: dict[str, int] = {}
+    flagged: dict[str, int] = {}  # passes with a reason (correctness: "unverified" records kept)
     for pos, (ok, score, reason) in verdicts.items():
         passed[pos], scores[pos], reasons_col[pos] = bool(ok), score, reason
         if not ok:
             counts[reason] = counts.get(reason, 0) + 1
+        elif reason:
+            flagged[reason] = flagged.get(reason, 0) + 1
     df[f"f_{name}_pass"] = pd.array(passed, dtype="boolean")
     df[f"f_{name}_score"] = pd.array(scores, dtype="Float64")
     df[f"f_{name}_reason"] = reasons_col
@@ -54,7 +58,8 @@ def apply_verdicts(df: pd.DataFrame, name: str, verdicts: dict[int, tuple[bool, 
     df.loc[fail, "kept"] = False
     df.loc[fail, "dropped_by"] = name
     df.loc[fail, "drop_reason"] = [reasons_col[i] for i in range(len(df)) if fail[i]]
-    log_stage(metadata, name, n_in, int(df["kept"].sum()), counts, time.perf_counter() - started)
+    log_stage(metadata, name, n_in, int(df["kept"].sum()), counts, time.perf_counter() - started,
+              **({"kept_flagged": flagged} if flagged else {}))
     return df
 
 

@@ -44,10 +44,22 @@ def _hist(values, bins) -> dict:
     return {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts]}
 
 
+def thinking_split(df: pd.DataFrame, metadata: dict) -> dict:
+    """Think / no-think records in the corpus, and as read from a trace dataset (its own split)."""
+    kept = df.loc[df["kept"], "enable_thinking"].astype(bool) if "enable_thinking" in df else pd.Series(dtype=bool)
+    out = {"corpus": {"think": int(kept.sum()), "no_think": int((~kept).sum())}}
+    read = next((s for s in metadata.get(STAGE_LOG, []) if s["stage"] == "read" and "think" in s), None)
+    if read is not None:
+        out["read"] = {"think": read["think"], "no_think": read["no_think"]}
+    return out
+
+
 def build_report(df: pd.DataFrame, metadata: dict, name: str) -> dict:
     tokens = df["f_length_score"].dropna() if "f_length_score" in df else pd.Series(dtype=float)
     kept_tokens = df.loc[df["kept"], "f_length_score"].dropna() if "f_length_score" in df else tokens
-    rates = df.groupby("problem_id", sort=False)["pass_rate"].first() if "pass_rate" in df else pd.Series(dtype=float)
+    # problems without a reference (a trace dataset's) have no pass rate
+    rates = (df.groupby("problem_id", sort=False)["pass_rate"].first().dropna() if "pass_rate" in df
+             else pd.Series(dtype=float))
     removed_reasons = df.loc[~df["kept"]].groupby(["dropped_by", "drop_reason"]).size()
     bins = np.linspace(0, max(float(tokens.max()) if len(tokens) else 1.0, 1.0), 21)
     return {
@@ -57,6 +69,7 @@ def build_report(df: pd.DataFrame, metadata: dict, name: str) -> dict:
         "corpus": int(df["kept"].sum()),
         "stages": metadata.get(STAGE_LOG, []),
         "removed": [{"stage": s, "reason": r, "count": int(c)} for (s, r), c in removed_reasons.items()],
+        "thinking": thinking_split(df, metadata),
         "teacher_labels": label_scorecard(df),
         "decontamination": {"sources": metadata.get("nrr_decontam_sources", {}),
                             "matches": len(metadata.get(MATCHES, [])),
@@ -68,12 +81,20 @@ def build_report(df: pd.DataFrame, metadata: dict, name: str) -> dict:
 
 
 def markdown(report: dict) -> str:
+    read = report["stages"][0] if report["stages"] else {}
+    origin = (f"read from `{read['dataset']}` (schema {', '.join(read['schema'])})" if "dataset" in read
+              else "generated")
+    think = report["thinking"]
+    split = ", ".join(f"{k} {v['think']} / {v['no_think']}" for k, v in think.items() if k != "corpus")
     lines = [f"# Curation report: {report['name']}", "",
-             f"{report['problems']} problems, {report['records']} records generated, "
+             f"{report['problems']} problems, {report['records']} records {origin}, "
              f"**{report['corpus']} in the corpus**.", "",
+             f"Think / no-think records: corpus {think['corpus']['think']} / {think['corpus']['no_think']}"
+             + (f"; {split}." if split else "."), "",
              "| stage | in | out | removed | reasons | seconds |", "|---|---:|---:|---:|---|---:|"]
     for s in report["stages"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in s["reasons"].items()) or "-"
+        reasons = ", ".join([f"{k}: {v}" for k, v in s["reasons"].items()]
+                            + [f"{k} (kept): {v}" for k, v in s.get("kept_flagged", {}).items()]) or "-"
         lines.append(f"| {s['stage']} | {s['in']} | {s['out']} | {s['removed']} | {reasons} | {s.get('seconds', '')} |")
     if report["teacher_labels"]:
         lines += ["", "## Teacher labels against the filters", "",
@@ -115,7 +136,7 @@ def plot(report: dict, df: pd.DataFrame, out_dir: Path) -> list[str]:
         files.append("length_hist.png")
     if "pass_rate" in df:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.hist(df.groupby("problem_id")["pass_rate"].first(), bins=np.linspace(0, 1, 11))
+        ax.hist(df.groupby("problem_id")["pass_rate"].first().dropna(), bins=np.linspace(0, 1, 11))
         ax.set_xlabel("teacher pass rate")
         ax.set_ylabel("problems")
         fig.tight_layout()

@@ -39,13 +39,18 @@ def think_off_positions(n: int, ratio: float) -> set[int]:
 
 def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
     df = df.copy()
-    generated = df["response"].notna()
+    # a trace dataset's records may have no reference: they do not count, and a problem with none has no pass rate
+    has_ref = df["reference"].notna() if "reference" in df else pd.Series(True, index=df.index)
+    generated = df["response"].notna() & has_ref
     correct = df["f_correctness_pass"].fillna(False).astype(bool) if "f_correctness_pass" in df else generated
-    per_problem = pd.DataFrame({"pid": df["problem_id"], "gen": generated, "ok": correct & generated})
-    rates = per_problem.groupby("pid", sort=False).agg(gen=("gen", "sum"), ok=("ok", "sum"))
-    rates["pass_rate"] = np.where(rates["gen"] > 0, rates["ok"] / rates["gen"].clip(lower=1), 0.0)
+    per_problem = pd.DataFrame({"pid": df["problem_id"], "gen": generated, "ok": correct & generated, "ref": has_ref})
+    rates = per_problem.groupby("pid", sort=False).agg(gen=("gen", "sum"), ok=("ok", "sum"), ref=("ref", "any"))
+    rates["pass_rate"] = np.where(rates["gen"] > 0, rates["ok"] / rates["gen"].clip(lower=1),
+                                  np.where(rates["ref"], 0.0, np.nan))
+    rates["difficulty"] = [difficulty(r, cfg) if ref else "unverified"
+                           for r, ref in zip(rates["pass_rate"], rates["ref"])]
     df["pass_rate"] = df["problem_id"].map(rates["pass_rate"]).astype(float)
-    df["difficulty"] = [difficulty(r, cfg) for r in df["pass_rate"]]
+    df["difficulty"] = df["problem_id"].map(rates["difficulty"])
 
     n_in = int(df["kept"].sum())
     chosen: list[int] = []
@@ -77,11 +82,11 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
     df["order"] = pd.array([pd.NA] * len(df), dtype="Int64")
     df.loc[sel.index, "order"] = np.arange(len(sel))
     off = think_off_positions(len(sel), cfg.think_off_ratio)
-    df["enable_thinking"] = True
+    # a trace dataset's own no-think records stay so; think_off_ratio turns a share of the rest into no-think
+    df["enable_thinking"] = df["enable_thinking"].astype(bool) if "enable_thinking" in df else True
     df.loc[[idx for i, idx in enumerate(sel.index) if i in off], "enable_thinking"] = False
     stats = {"n_in": n_in, "n_out": len(sel), "over_max_per_problem": int(over.sum()),
-             "difficulty": {k: int(v) for k, v in rates.assign(
-                 d=[difficulty(r, cfg) for r in rates["pass_rate"]])["d"].value_counts().items()},
+             "difficulty": {k: int(v) for k, v in rates["difficulty"].value_counts().items()},
              "think_off": len(off)}
     return df, stats
 

@@ -17,7 +17,7 @@ from nemo_curator.stages.resources import Resources
 from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.records import log_stage, to_jsonable
-from recipes.chat_template import format_response
+from recipes.response_format import format_response
 from recipes.data.trace_record import make_record, write_records
 
 CORPUS_JSONL = "curated.jsonl"

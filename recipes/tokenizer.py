@@ -169,7 +169,7 @@ class ChatTokenizer:
     def render(self, messages: list[dict], add_generation_prompt: bool = False,
                enable_thinking: bool | None = None) -> str:
         """The conversation as text, exactly as `apply_chat_template(tokenize=False)` renders it."""
-        messages, kwargs = self._switch(_check_messages(messages), enable_thinking)
+        messages, kwargs = self._switch(check_messages(messages), enable_thinking)
         return self._render(messages, add_generation_prompt, kwargs)
 
     def prompt_ids(self, question: str, system: str | None = None,
@@ -200,7 +200,7 @@ class ChatTokenizer:
         several, a ValueError names the folder and the turn. A template whose generation prompt opens `<think>`
         (R1-distill) trains a final assistant turn as it is generated: prompt ids + response ids + eos.
         """
-        messages, kwargs = self._switch(_check_messages(messages), enable_thinking)
+        messages, kwargs = self._switch(check_messages(messages), enable_thinking)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise ValueError("the conversation has no assistant turn: nothing to train on")
@@ -286,7 +286,8 @@ class ChatTokenizer:
         return [int(i) for i in ids]
 
 
-def _check_messages(messages: object) -> list[dict]:
+def check_messages(messages: object) -> list[dict]:
+    """The messages as given, when they are a non-empty list of {role, content} strings; else a ValueError."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
     for i, m in enumerate(messages):

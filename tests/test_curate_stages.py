@@ -261,12 +261,10 @@ def test_language_filter_allows_greek_math_and_the_length_filter_counts_template
     cfg = FilterConfig()
     ok, ratio, _ = JUDGES["language"](_rec("area", "<think>\nA = πr^2, so α = 2\n</think>\n\n\\boxed{4π}", "4\\pi"), cfg)
     assert ok and ratio == 0.0
-    from recipes.chat_template import render
-    from recipes.tokenizer import encode
-
     rec = _rec("3+4", "<think>\n7\n</think>\n\n\\boxed{7}", "7")
-    expected = len(encode(render([{"role": "user", "content": "3+4"}, {"role": "assistant", "content": rec["response"]}])))
-    assert JUDGES["length"](rec, cfg)[1] == expected
+    # by hand, the embedded students' byte-level tokenizer: <|im_start|> "user\n3+4" <|im_end|> "\n" <|im_start|>
+    # "assistant\n" = 1+8+1+1+1+10, then <think> "\n7\n" </think> "\n\n\\boxed{7}" <|im_end|> "\n" = 1+3+1+11+1+1
+    assert JUDGES["length"](rec, cfg)[1] == 22 + 18
 
 
 def test_repetition_measure_by_hand():

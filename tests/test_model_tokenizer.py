@@ -249,7 +249,7 @@ def test_the_embedded_students_tokenizer_is_one_more_model_tokenizer(tmp_path):
     hand-cut rendering: one id per UTF-8 byte, the specials as single ids, the loss on the assistant content
     and its <|im_end|> (not the newline after it)."""
     from recipes import tokenizer
-    from recipes.chat_template import format_response
+    from recipes.response_format import format_response
     from tests.families.byte_level import SPECIAL_TOKENS, save_byte_level_tokenizer
 
     fresh = save_byte_level_tokenizer(tmp_path / "fresh")

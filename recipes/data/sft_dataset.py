@@ -24,7 +24,7 @@ import numpy as np
 from recipes import response_format as rf
 from recipes.data.packing import Example, Row, collate, pack, pad
 from recipes.data.trace_record import DataError, corpus_files, make_record, read_records, write_records
-from recipes.tokenizer import ChatTokenizer
+from recipes.tokenizer import ChatTokenizer, check_messages
 
 
 @dataclasses.dataclass
@@ -75,17 +75,6 @@ def _is_record_corpus(path: str | Path) -> bool:
     except DataError:
         return False
     return False
-
-
-def _check_messages(messages: object) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError("'messages' must be a non-empty list of {role, content}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"messages[{i}] must be a mapping with string 'role' and 'content'")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("no assistant message: nothing to train on")
-    return messages
 
 
 def tokenize_conversation(messages: list[dict], tokenizer: ChatTokenizer,
@@ -175,7 +164,10 @@ def load_examples(path: str | Path, cfg: DataConfig, vocab_size: int, tokenizer:
             if not isinstance(rec, dict) or "messages" not in rec:
                 raise DataError("record has no 'messages' field (expected chat format: "
                                 "{'messages': [{'role': 'user', ...}, {'role': 'assistant', ...}], ...})")
-            messages = _check_messages(rec["messages"])
+            try:
+                messages = check_messages(rec["messages"])
+            except ValueError as err:
+                raise DataError(str(err)) from None
             think = rec.get("enable_thinking")
             # the think/no-think mix: a per-record coin from (seed, index) keeps the choice stable
             if cfg.think_ratio is not None and has_thinking(messages):
