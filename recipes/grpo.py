@@ -328,21 +328,29 @@ def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, same_
 
 
 def heldout_accuracy(backend, tokenizer, cfg: HeldoutConfig, max_tokens: int) -> dict[str, float]:
-    """pass@1 per level on the embedded task's fixed held-out split (rank 0, through the rollout engine): greedy,
-    or the mean over `cfg.samples` responses sampled at `cfg.temperature`."""
-    from recipes.grader import grade_response
+    """pass@1 per level on the embedded benchmark's fixed held-out split (rank 0, through the rollout engine),
+    with the evaluation's own prompts, records and metrics: greedy, or the mean over `cfg.samples` responses
+    sampled at `cfg.temperature`."""
+    from recipes.evaluation.benchmarks import load_benchmark
+    from recipes.evaluation.config import BenchmarkConfig
+    from recipes.evaluation.metrics import accuracy_metrics
+    from recipes.evaluation.prompts import default_prompt, messages
+    from recipes.evaluation.runner import build_record
 
     if not cfg.levels:  # no held-out check
         return {}
     out = {}
     n = cfg.samples if cfg.temperature > 0 else 1
+    expect_thinking = True in tokenizer.thinking_modes
     for lvl in cfg.levels:
-        problems = task.heldout_problems([lvl], cfg.per_level)
-        comps = backend.generate([tokenizer.prompt_ids(p.question) for p in problems],
-                                 SamplingParams(n=n, temperature=cfg.temperature, max_tokens=max_tokens, seed=0))
-        correct = [grade_response(tokenizer.response_text(c.text), p.answer).correct
-                   for p, group in zip(problems, comps) for c in group]
-        out[f"L{lvl}"] = sum(correct) / len(correct)
+        problems = load_benchmark(BenchmarkConfig(name="embedded", levels=[lvl], n_per_level=cfg.per_level))
+        prompts = [tokenizer.render(messages(p["problem"], default_prompt("embedded")), add_generation_prompt=True)
+                   for p in problems]
+        comps = backend.generate(prompts, SamplingParams(n=n, temperature=cfg.temperature, max_tokens=max_tokens,
+                                                         seed=0))
+        records = [build_record(p, i, c, expect_thinking, backend.count_tokens, 5.0, tokenizer)
+                   for p, group in zip(problems, comps) for i, c in enumerate(group)]
+        out[f"L{lvl}"] = accuracy_metrics(records)["pass@1"]
     out["mean"] = sum(out.values()) / len(cfg.levels)
     return out
 

@@ -21,18 +21,6 @@ ARTIFACTS = ROOT / "test-artifacts"
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny student as the distillation stage ships it: a Megatron checkpoint exported with `nrr convert to-hf`."""
-    base = tmp_path_factory.mktemp("tiny-qwen2")
-    nrr = [sys.executable, "-m", "recipes.cli", "convert"]
-    subprocess.run([*nrr, "init", "--config", str(ROOT / "recipes/assets/models/tiny-qwen2/config.json"),
-                    "--out", str(base / "ckpt"), "--seed", "0"], check=True, cwd=ROOT, capture_output=True)
-    subprocess.run([*nrr, "to-hf", "--ckpt", str(base / "ckpt"), "--out", str(base / "hf")], check=True, cwd=ROOT,
-                   capture_output=True)
-    return base / "hf"
-
-
 def _config(model, out_dir, thinking=True, run_name=None) -> EvalConfig:
     return EvalConfig(
         model=str(model),

@@ -169,6 +169,9 @@ def test_one_cut_gives_the_same_verdict_in_curation_rewards_grpo_heldout_and_eva
         def __init__(self, template: str):
             self.template = template
 
+        def count_tokens(self, text):
+            return len(text)
+
         def generate(self, prompts, params):
             assert len(prompts) == len(problems)
             return [[Completion([], self.template.format(A=p.answer, W=int(p.answer) + 1), "stop")] * params.n

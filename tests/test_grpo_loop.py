@@ -162,12 +162,15 @@ def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
         def __init__(self, right):
             self.right, self.calls = right, []
 
+        def count_tokens(self, text):
+            return len(text)
+
         def generate(self, prompts, params):
             n = params.n
             self.calls.append((len(prompts), n, params.temperature))
             out = []
-            for ids in prompts:
-                p = next(p for p in problems if list(p_ids[p.id]) == ids)
+            for text in prompts:
+                p = next(p for p in problems if prompt_of[p.id] == text)
                 answers = [p.answer if i < self.right[p.level] else p.answer + "1" for i in range(n)]
                 out.append([Completion([], ct.format_response("x", task.answer_text(a)), "stop") for a in answers])
             return out
@@ -176,7 +179,9 @@ def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
 
     tok = load()
     problems = task.heldout_problems([2, 3], 5)
-    p_ids = {p.id: tok.prompt_ids(p.question) for p in problems}
+    # the evaluation's prompt of the embedded benchmark: the problem alone as the user turn
+    prompt_of = {p.id: tok.render([{"role": "user", "content": p.question}], add_generation_prompt=True)
+                 for p in problems}
     engine = ScriptedEngine({2: 3, 3: 1})
     sampled = heldout_accuracy(engine, tok, HeldoutConfig(levels=[2, 3], per_level=5, temperature=0.6, samples=4), 64)
     assert sampled == {"L2": 0.75, "L3": 0.25, "mean": 0.5}

@@ -2,7 +2,8 @@
 
 Each built-in benchmark is a dataset of `recipes.data.catalog` (resolved through the data root) with
 how to read its problem, reference answer and id; any other JSONL works with `name: jsonl` and its field names.
-The embedded arithmetic task reads its fixed held-out split from `recipes.task`.
+The embedded arithmetic task reads its fixed held-out split from `recipes.task`. What the model is asked for each
+problem is `recipes.evaluation.prompts`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from typing import Callable
 
 from recipes.data import catalog
 from recipes.grader import last_boxed
-
-MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 def _gsm8k_answer(row: dict) -> str:
@@ -95,8 +94,3 @@ def load_benchmark(cfg, data_root: str | None = None) -> list[dict]:
         out.append({"id": str(pid if pid is not None else i), "benchmark": cfg.label or cfg.name,
                     "problem": row[spec.problem_field], "answer": answer})
     return out
-
-
-def default_instruction(name: str) -> str:
-    """What follows the problem in the user turn: the embedded task's prompt is the bare expression."""
-    return "" if name == "embedded" else MATH_INSTRUCTION

@@ -9,6 +9,17 @@ from recipes.config import required
 
 
 @dataclasses.dataclass
+class PromptConfig:
+    """What a problem is turned into before the model's chat template renders it: an optional system turn and the
+    user turn. Each field left unset (None) is inherited: a benchmark's `prompt` from the run's `prompt`, that from
+    the benchmark's default (`recipes.evaluation.prompts.default_prompt`)."""
+
+    system: str | None = None  # the system turn as written ("": none, the template's own default applies)
+    # the user turn: a str.format template whose only field is {problem}; literal braces doubled (\boxed{{}})
+    user: str | None = None
+
+
+@dataclasses.dataclass
 class BenchmarkConfig:
     # math500 | aime24 | amc23 | gsm8k | minerva_math | olympiadbench | embedded | jsonl
     name: str = required()
@@ -20,7 +31,7 @@ class BenchmarkConfig:
     limit: int | None = None  # the first N problems
     levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])  # embedded only
     n_per_level: int = 20  # embedded only
-    instruction: str | None = None  # text after the problem in the user turn; None: the benchmark's default
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)  # overrides the run's `prompt`
 
 
 @dataclasses.dataclass
@@ -30,13 +41,15 @@ class GenerationConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 1024
-    thinking: bool = True  # think / no-think mode of the chat template
-    system_prompt: str | None = None
+    # think / no-think through the model's template (None: the template's default); a mode the template cannot
+    # switch to is an error naming what it supports
+    thinking: bool | None = None
     batch_size: int = 64  # problems per generate call (and per resume checkpoint)
     seed: int = 0
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
     max_model_len: int | None = None  # vllm
     # openai-compatible endpoint
+    tokenizer: str | None = None  # the served model's tokenizer folder (its chat template renders the prompts)
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # the name of the variable holding the key, never the key
     max_concurrency: int = 8
@@ -55,8 +68,11 @@ class EvalConfig:
     benchmarks: list[BenchmarkConfig] = dataclasses.field(default_factory=list)
     data_root: str | None = None  # where built-in benchmarks are read (None: $NRR_DATA_ROOT, else the repository's)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)  # every benchmark's, unless it sets its own
     output_dir: str = "outputs/eval/run"
     run_name: str | None = None  # the name in reports (default: the output folder's name)
     grade_timeout: float = 5.0  # seconds per answer on the math-verify path
     report: bool = True  # write report.html next to summary.json
+    # also write <output_dir>/nemo_skills/<benchmark>/output[-rs<seed>].jsonl + metrics.json, as NeMo-Skills does
+    nemo_skills_layout: bool = False
     progress: bool = True

@@ -3,7 +3,9 @@
 Samples are appended to `<output_dir>/<benchmark>.jsonl` as each batch finishes; a rerun skips the
 (problem, sample) pairs already there, so an interrupted run resumes where it stopped.
 Record fields follow NeMo-Skills' names where they exist (`generation`, `expected_answer`,
-`predicted_answer`, `is_correct`, `num_generated_tokens`).
+`predicted_answer`, `is_correct`, `num_generated_tokens`); `nemo_skills_layout: true` also writes NeMo-Skills'
+own files (`recipes.evaluation.nemo_skills`). Prompts: `recipes.evaluation.prompts`, rendered by the model's
+chat template.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import time
 from pathlib import Path
 
 from recipes import grader
-from recipes.chat_template import render_prompt, split_response
-from recipes.config import save_config
+from recipes.response_format import split_response
+from recipes.tokenizer import load as load_tokenizer
+from recipes.config import ConfigError, save_config
 from recipes.generation import Completion, SamplingParams, make_backend as start_backend
-from recipes.evaluation.benchmarks import default_instruction, load_benchmark
-from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig
+from recipes.evaluation import nemo_skills, prompts
+from recipes.evaluation.benchmarks import load_benchmark
+from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig, PromptConfig
 from recipes.evaluation.metrics import reflection_count, summarize
 from recipes.evaluation.records import drop_torn_tail, read_records
 
@@ -56,20 +60,34 @@ def make_backend(cfg: EvalConfig, model_dir: str):
         return start_backend("vllm-worker", model_dir, dtype=g.dtype, max_model_len=g.max_model_len, seed=g.seed,
                              gpu_memory_utilization=0.85)
     if g.backend == "openai":
-        tok_dir = cfg.model if Path(cfg.model).is_dir() else None
         return start_backend("openai", cfg.model, base_url=g.base_url, api_key_env=g.api_key_env,
-                             max_concurrency=g.max_concurrency, timeout=g.request_timeout, tokenizer_dir=tok_dir)
+                             max_concurrency=g.max_concurrency, timeout=g.request_timeout,
+                             tokenizer_dir=str(endpoint_tokenizer(cfg)))
     raise ValueError(f"unknown backend '{g.backend}'")
 
 
-def build_record(problem: dict, sample_idx: int, comp: Completion, g: GenerationConfig, count_tokens,
-                 grade_timeout: float) -> dict:
-    result = grader.grade_response(comp.text, problem["answer"], timeout=grade_timeout)
-    thinking, _, closed = split_response(comp.text)
+def endpoint_tokenizer(cfg: EvalConfig) -> Path:
+    """The tokenizer folder whose template renders an endpoint's prompts: generation.tokenizer, else the model
+    when it names a folder."""
+    g = cfg.generation
+    if g.tokenizer:
+        return Path(g.tokenizer)
+    if Path(cfg.model).is_dir():
+        return Path(cfg.model)
+    raise ValueError(f"generation.tokenizer: the openai backend serves '{cfg.model}'; name the folder of its "
+                     "tokenizer (its chat template renders the prompts)")
+
+
+def build_record(problem: dict, sample_idx: int, comp: Completion, expect_thinking: bool, count_tokens,
+                 grade_timeout: float, tokenizer=None) -> dict:
+    """One sample's record; `tokenizer` puts back a think tag the prompt opened (R1-distill templates)."""
+    text = tokenizer.response_text(comp.text) if tokenizer is not None else comp.text
+    result = grader.grade_response(text, problem["answer"], timeout=grade_timeout)
+    thinking, _, closed = split_response(text)
     if thinking:
         n = count_tokens(thinking)
         if n is None:  # no tokenizer (a remote endpoint): share the count by characters
-            n = round(comp.num_tokens * len(thinking) / max(1, len(comp.text)))
+            n = round(comp.num_tokens * len(thinking) / max(1, len(text)))
         thinking_tokens = min(n, comp.num_tokens)
     else:
         thinking_tokens = 0
@@ -79,7 +97,7 @@ def build_record(problem: dict, sample_idx: int, comp: Completion, g: Generation
         "sample_idx": sample_idx,
         "problem": problem["problem"],
         "expected_answer": problem["answer"],
-        "generation": comp.text,
+        "generation": text,
         "predicted_answer": result.predicted,
         "is_correct": result.correct,
         "grade_method": result.method,
@@ -88,17 +106,28 @@ def build_record(problem: dict, sample_idx: int, comp: Completion, g: Generation
         "answer_tokens": comp.num_tokens - thinking_tokens,
         "finish_reason": comp.finish_reason,
         "truncated": comp.finish_reason == "length",
-        "format_ok": result.predicted is not None and (closed or not g.thinking),
-        "reflection_markers": reflection_count(thinking if thinking is not None else comp.text),
+        "format_ok": result.predicted is not None and (closed or not expect_thinking),
+        "reflection_markers": reflection_count(thinking if thinking is not None else text),
     }
     if problem.get("level") is not None:
         rec["level"] = problem["level"]
     return rec
 
 
-def _prompt(problem: dict, bench: BenchmarkConfig, g: GenerationConfig) -> str:
-    instruction = bench.instruction if bench.instruction is not None else default_instruction(bench.name)
-    return render_prompt(problem["problem"] + instruction, enable_thinking=g.thinking, system=g.system_prompt)
+def _prompt(problem: dict, prompt: PromptConfig, g: GenerationConfig, tokenizer) -> str:
+    """The text the backend receives: the prompt config's turns through the model's own chat template."""
+    return tokenizer.render(prompts.messages(problem["problem"], prompt), add_generation_prompt=True,
+                            enable_thinking=g.thinking)
+
+
+def _check_thinking(tokenizer, g: GenerationConfig) -> None:
+    """A ConfigError naming generation.thinking and the template's folder when the template cannot honour it."""
+    if g.thinking is None:  # the template's default: always honoured
+        return
+    try:
+        tokenizer.render([{"role": "user", "content": "x"}], add_generation_prompt=True, enable_thinking=g.thinking)
+    except ValueError as err:
+        raise ConfigError(f"generation.thinking={g.thinking}: {err}") from None
 
 
 # ------------------------------------------------------------------------------ the run
@@ -140,6 +169,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if bool(cfg.model) == bool(cfg.models):
         raise ValueError("set either `model` (one model) or `models` ({label: model}), not both"
                          if cfg.model else "`model` is required (or `models`: {label: model})")
+    prompts.check_prompts(cfg)
     pool = BackendPool(cfg)
     try:
         if cfg.model:
@@ -175,33 +205,47 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
     backend = None
     model_dir = None
     summary: dict = {"run": cfg.run_name or out.name, "model": cfg.model, "backend": g.backend, "k": g.k,
-                     "temperature": g.temperature, "thinking": g.thinking, "benchmarks": {}}
+                     "temperature": g.temperature, "thinking": g.thinking, "benchmarks": {}, "prompts": {}}
+    layout: dict[str, dict] = {}
     started = time.monotonic()
     for bench, label in zip(cfg.benchmarks, labels):
         problems = load_benchmark(dataclasses.replace(bench, label=label), cfg.data_root)
+        prompt = prompts.resolve(bench, cfg.prompt)
+        summary["prompts"][label] = dataclasses.asdict(prompt)
         path = out / f"{label}.jsonl"
         drop_torn_tail(path)
         done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}
         pending = [p for p in problems if any((p["id"], i) not in done for i in range(g.k))]
         if pending and backend is None:
             model_dir = model_dir or (cfg.model if g.backend == "openai" else resolve_model(cfg.model, out, cfg.init_seed))
+            tok = load_tokenizer(endpoint_tokenizer(cfg) if g.backend == "openai" else model_dir)
+            _check_thinking(tok, g)  # before the backend starts
             backend = pool.get(model_dir)
+            # what the prompts ask for: the config's think mode, else the template's default
+            expect_thinking = g.thinking if g.thinking is not None else True in tok.thinking_modes
+            summary["thinking"] = expect_thinking
         with progress(disable=not cfg.progress) as bar, path.open("a", encoding="utf-8") as f:
             task = bar.add_task(label, total=len(problems), completed=len(problems) - len(pending), info="")
             for start in range(0, len(pending), g.batch_size):
                 chunk = pending[start : start + g.batch_size]
-                outputs = backend.generate([_prompt(p, bench, g) for p in chunk], params)
+                outputs = backend.generate([_prompt(p, prompt, g, tok) for p in chunk], params)
                 for problem, comps in zip(chunk, outputs):
                     for i, comp in enumerate(comps):
                         if (problem["id"], i) in done:
                             continue
-                        rec = build_record(problem, i, comp, g, backend.count_tokens, cfg.grade_timeout)
+                        rec = build_record(problem, i, comp, expect_thinking, backend.count_tokens,
+                                           cfg.grade_timeout, tok)
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
                 bar.update(task, advance=len(chunk))
         ids = {p["id"] for p in problems}
         records = [r for r in read_records(path) if str(r["id"]) in ids and r["sample_idx"] < g.k]
         summary["benchmarks"][label] = summarize(records)
+        if cfg.nemo_skills_layout:
+            layout[label] = nemo_skills.write_benchmark(out / "nemo_skills", label, [p["id"] for p in problems],
+                                                        records, g.k, greedy=g.temperature == 0)
+    if cfg.nemo_skills_layout:
+        nemo_skills.write_summary(out / "nemo_skills", layout)
     summary["seconds"] = round(time.monotonic() - started, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if cfg.report:
@@ -213,7 +257,7 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
 
 def evaluate_model(model_path_or_hf_dir: str, benchmark: str = "embedded", levels: list[int] | None = None,
                    n_per_level: int = 20, k: int = 1, temperature: float = 0.0, backend: str = "vllm",
-                   out_dir: str | None = None, max_tokens: int = 256, thinking: bool = True,
+                   out_dir: str | None = None, max_tokens: int = 256, thinking: bool | None = None,
                    limit: int | None = None, batch_size: int = 64, report: bool = False) -> dict:
     """Evaluate one model on one benchmark; the summary of that benchmark, with `accuracy` (pass@1)
     and, for the embedded task, `accuracy_by_level`."""

@@ -61,15 +61,17 @@ class VLLMEngine:
         would reject the whole batch)."""
         from vllm import SamplingParams as VLLMParams
 
-        lengths = [self.count_tokens(p) if isinstance(p, str) else len(p) for p in prompts]
-        fits = [length < self.context for length in lengths]
-        todo = [(p, length) for p, length, ok in zip(prompts, lengths, fits) if ok]
-        requests = [p if isinstance(p, str) else {"prompt_token_ids": p} for p, _ in todo]
+        # rendered text is tokenized here without special tokens: the template wrote them (vLLM's own tokenization
+        # would add a second <|begin_of_text|> to a Llama 3 prompt)
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
+        fits = [len(i) < self.context for i in ids]
+        todo = [(p, i) for p, i, ok in zip(prompts, ids, fits) if ok]
+        requests = [{"prompt_token_ids": i} for _, i in todo]
         sampling = [VLLMParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                max_tokens=params.max_tokens, seed=prompt_seed(params.seed, p, params.n),
                                stop_token_ids=sorted(self.stop_ids), detokenize=False) for p, _ in todo]
         with self._decode_threads():
-            outputs = iter(generate(self.llm, requests, sampling, [length for _, length in todo], params.n))
+            outputs = iter(generate(self.llm, requests, sampling, [len(i) for _, i in todo], params.n))
         decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=False)  # noqa: E731
         empty = [Completion([], "", "length")] * params.n
         return [[to_completion(list(c.token_ids), self.stop_ids, params.max_tokens, decode)
