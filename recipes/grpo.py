@@ -69,8 +69,10 @@ class GRPOSettings:
 @dataclasses.dataclass
 class HeldoutConfig:
     every_steps: int = 0  # 0: only before and after training
-    levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3])
-    per_level: int = 100  # held-out problems per level
+    # an evaluation benchmark (embedded, gsm8k, math500, ...; recipes/evaluation/benchmarks.py) with its prompt
+    benchmark: str = "embedded"
+    levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3])  # embedded: [] skips the check
+    per_level: int = 100  # embedded: problems per level; another benchmark: its first `per_level` problems
     temperature: float = 0.0  # 0: greedy; > 0: pass@1 as the mean over `samples` sampled responses (R1's protocol)
     samples: int = 1
 
@@ -328,30 +330,35 @@ def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, same_
 
 
 def heldout_accuracy(backend, tokenizer, cfg: HeldoutConfig, max_tokens: int) -> dict[str, float]:
-    """pass@1 per level on the embedded benchmark's fixed held-out split (rank 0, through the rollout engine),
-    with the evaluation's own prompts, records and metrics: greedy, or the mean over `cfg.samples` responses
-    sampled at `cfg.temperature`."""
+    """pass@1 on a held-out benchmark (per level for the embedded task's fixed split), through the rollout engine
+    on rank 0, with the evaluation's own problems, prompts, records and metrics: greedy, or the mean over
+    `cfg.samples` responses sampled at `cfg.temperature`."""
     from recipes.evaluation.benchmarks import load_benchmark
     from recipes.evaluation.config import BenchmarkConfig
     from recipes.evaluation.metrics import accuracy_metrics
     from recipes.evaluation.prompts import default_prompt, messages
     from recipes.evaluation.runner import build_record
 
-    if not cfg.levels:  # no held-out check
+    if cfg.benchmark == "embedded" and not cfg.levels:  # no held-out check
         return {}
-    out = {}
     n = cfg.samples if cfg.temperature > 0 else 1
     expect_thinking = True in tokenizer.thinking_modes
-    for lvl in cfg.levels:
-        problems = load_benchmark(BenchmarkConfig(name="embedded", levels=[lvl], n_per_level=cfg.per_level))
-        prompts = [tokenizer.render(messages(p["problem"], default_prompt("embedded")), add_generation_prompt=True)
+    if cfg.benchmark == "embedded":  # one score per level
+        parts = {f"L{lvl}": BenchmarkConfig(name="embedded", levels=[lvl], n_per_level=cfg.per_level)
+                 for lvl in cfg.levels}
+    else:
+        parts = {cfg.benchmark: BenchmarkConfig(name=cfg.benchmark, limit=cfg.per_level)}
+    out = {}
+    for key, bench in parts.items():
+        problems = load_benchmark(bench)
+        prompts = [tokenizer.render(messages(p["problem"], default_prompt(bench.name)), add_generation_prompt=True)
                    for p in problems]
         comps = backend.generate(prompts, SamplingParams(n=n, temperature=cfg.temperature, max_tokens=max_tokens,
                                                          seed=0))
         records = [build_record(p, i, c, expect_thinking, backend.count_tokens, 5.0, tokenizer)
                    for p, group in zip(problems, comps) for i, c in enumerate(group)]
-        out[f"L{lvl}"] = accuracy_metrics(records)["pass@1"]
-    out["mean"] = sum(out.values()) / len(cfg.levels)
+        out[key] = accuracy_metrics(records)["pass@1"]
+    out["mean"] = sum(out.values()) / len(out)
     return out
 
 

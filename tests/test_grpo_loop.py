@@ -188,3 +188,30 @@ def test_heldout_accuracy_greedy_and_pass_at_1_over_samples():
     assert engine.calls == [(5, 4, 0.6), (5, 4, 0.6)]
     greedy = heldout_accuracy(engine, tok, HeldoutConfig(levels=[2, 3], per_level=5, samples=4), 64)  # T=0: one response
     assert greedy == {"L2": 1.0, "L3": 1.0, "mean": 1.0} and engine.calls[-1] == (5, 1, 0.0)
+
+
+def test_heldout_check_on_another_benchmark_uses_its_evaluation_prompt(data_root):
+    """GRPO on a dataset's prompts checks a benchmark of that kind: GSM8K's first problems with the evaluation's
+    math prompt, pass@1 by hand (the scripted engine answers the first two of four correctly)."""
+    from recipes.generation import Completion
+    from recipes.grpo import HeldoutConfig, heldout_accuracy
+    from recipes.tokenizer import load
+
+    rows = [json.loads(line) for line in (data_root / "benchmarks" / "gsm8k.jsonl").read_text().splitlines()[:4]]
+    answers = [r["answer"].split("####")[-1].strip() for r in rows]
+    seen = []
+
+    class ScriptedEngine:
+        def count_tokens(self, text):
+            return len(text)
+
+        def generate(self, prompts, params):
+            seen.extend(prompts)
+            return [[Completion([], ct.format_response("x", f"\\boxed{{{a if i < 2 else a + '0'}}}"), "stop")]
+                    for i, a in enumerate(answers)]
+
+    tok = load()
+    result = heldout_accuracy(ScriptedEngine(), tok, HeldoutConfig(benchmark="gsm8k", per_level=4), 64)
+    assert result == {"gsm8k": 0.5, "mean": 0.5}
+    user = rows[0]["question"] + "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert seen[0] == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
