@@ -231,3 +231,15 @@ def test_vllm_worker_receives_the_models_own_template_without_an_added_bos(vllm_
     assert [tok.decode(r["ids"]) for r in received] == expected
     assert [r["ids"] for r in received] == [tok.encode(text) for text in expected]
     assert all(r["ids"].count(r["ids"][0]) == 1 for r in received)  # the bos once
+
+
+def test_an_endpoints_prompts_render_with_generation_tokenizer(tmp_path):
+    """openai backend: generation.tokenizer names the served model's tokenizer folder; a served name alone is an
+    error naming the key."""
+    from recipes.evaluation.runner import endpoint_tokenizer
+    from recipes.tokenizer import EMBEDDED_MODEL
+
+    gen = GenerationConfig(backend="openai", base_url="http://127.0.0.1:1/v1", tokenizer=str(EMBEDDED_MODEL))
+    assert endpoint_tokenizer(EvalConfig(model="served-name", generation=gen)) == EMBEDDED_MODEL
+    with pytest.raises(ValueError, match="generation.tokenizer: the openai backend serves 'served-name'"):
+        endpoint_tokenizer(EvalConfig(model="served-name", generation=GenerationConfig(backend="openai")))

@@ -215,3 +215,15 @@ def test_heldout_check_on_another_benchmark_uses_its_evaluation_prompt(data_root
     assert result == {"gsm8k": 0.5, "mean": 0.5}
     user = rows[0]["question"] + "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
     assert seen[0] == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prompt_set_schema_and_fields_reach_the_reader(tmp_path):
+    path = tmp_path / "own.jsonl"
+    path.write_text(json.dumps({"task": "What is 2+5?", "gold": "7"}) + "\n")
+    cfg = PromptsConfig(dataset=str(path), schema="prompt", fields={"problem": "task", "reference": "gold"})
+    (prompt,) = PromptSampler(cfg).pools[None]
+    assert (prompt["problem"], prompt["answer"]) == ("What is 2+5?", "7")
+    from recipes.data.trace_record import DataError
+
+    with pytest.raises(DataError, match="match no known schema"):
+        PromptSampler(PromptsConfig(dataset=str(path)))

@@ -153,3 +153,16 @@ def test_every_corpus_writer_writes_the_one_trace_record_and_sft_reads_them_all(
     path = sd.write_records([from_task, from_rejection, from_curation], tmp_path / "mixed.jsonl")
     examples, stats = sd.load_examples(path, sd.DataConfig(), 384, tok)
     assert stats.examples == 3 and len({tuple(e.input_ids.tolist()) for e in examples}) == 1
+
+
+def test_data_schema_and_fields_reach_the_reader(tmp_path):
+    """data.fields maps a dataset's own columns onto a schema's names; data.schema names the schema; without them
+    the same file matches no schema."""
+    rows = [{"q": "1+2", "out": "<think>\n1+2=3\n</think>\n\n\\boxed{3}"}]
+    path = _write(tmp_path / "own.jsonl", rows)
+    cfg = sd.DataConfig(schema="pair", fields={"problem": "q", "response": "out"})
+    examples, stats = sd.load_examples(path, cfg, 384, tok)
+    ids, mask = sd.tokenize_conversation(MESSAGES, tok)
+    assert stats.examples == 1 and examples[0].input_ids.tolist() == ids[:-1].tolist()
+    with pytest.raises(sd.DataError, match="match no known schema"):
+        sd.load_examples(path, sd.DataConfig(), 384, tok)
