@@ -30,7 +30,8 @@ from recipes.rl.rejection_sampling import RejectionConfig
 from recipes.rl.rewards import RewardsConfig, Sample, check_weights, score
 from recipes.rl.rollout import RolloutConfig
 from recipes.stages import STAGES
-from recipes.trainer import CheckpointConfig, LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig, run_stage
+from recipes.trainer import (CheckpointConfig, LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig,
+                             check_parallel, run_stage)
 
 HELP = STAGES["grpo"].help
 DEFAULT_CONFIG = STAGES["grpo"].default_config
@@ -100,6 +101,7 @@ class GRPOConfig:
 def check_config(cfg: GRPOConfig) -> None:
     if cfg.mode not in ("train", "rejection_sample"):
         raise ConfigError(f"mode must be 'train' or 'rejection_sample', got {cfg.mode!r}")
+    check_parallel(cfg.parallel)
     g = cfg.grpo
     rows = g.prompts_per_step * g.group_size
     per_update = rows // max(g.minibatches, 1)
@@ -421,7 +423,7 @@ def train(cfg: GRPOConfig) -> dict:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.set_float32_matmul_precision(cfg.training.matmul_precision)
-    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.training.seed)
+    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.training.seed, cp=cfg.parallel.cp)
     rank0 = runtime.rank() == 0
     run_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
     updates = g.steps * g.minibatches * g.epochs

@@ -78,8 +78,14 @@ def model_tokenizer(model: ModelConfig, vocab_size: int | None = None):
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: int = 1  # data-parallel replicas; world size = tp * pp * dp
+    dp: int = 1  # data-parallel replicas; world size = tp * pp * cp * dp
+    cp: int = 1  # context parallelism (splits the sequence; needs Transformer Engine)
     nodes: int = 1  # processes per node = world size / nodes
+    # Adam states and fp32 main weights sharded over DP (megatron-core's DistributedOptimizer)
+    distributed_optimizer: bool = False
+    sequence_parallel: bool = False  # with tp > 1: norms, dropout and residuals hold S/TP tokens per rank
+    # activation recompute: "selective" recomputes core attention, "full" every layer from its input
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 @dataclasses.dataclass
@@ -148,8 +154,9 @@ class SFTConfig:
     export_hf: bool = True  # write <output_dir>/hf at the end (for evaluation and vLLM)
 
 
-def world_size(cfg: SFTConfig) -> int:
-    return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+def world_size(cfg) -> int:
+    p = cfg.parallel
+    return p.tp * p.pp * p.cp * p.dp
 
 
 def resolve_batch(cfg: SFTConfig) -> tuple[int, int]:
@@ -174,12 +181,25 @@ def resolve_batch(cfg: SFTConfig) -> tuple[int, int]:
     return rows, rows // (mbs * dp)
 
 
+def check_parallel(p: ParallelConfig) -> None:
+    """The layout's own consistency (what the model's shape allows is checked when it is built)."""
+    from recipes.megatron.providers import have_te
+
+    if min(p.tp, p.pp, p.cp, p.dp, p.nodes) < 1:
+        raise ConfigError("parallel: tp, pp, cp, dp and nodes must be >= 1")
+    world = p.tp * p.pp * p.cp * p.dp
+    if world % p.nodes:
+        raise ConfigError(f"parallel: world size tp*pp*cp*dp={world} is not divisible by nodes={p.nodes}")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs tensor parallelism (parallel.tp > 1)")
+    if p.cp > 1 and not have_te():
+        raise ConfigError(f"parallel.cp={p.cp}: context parallelism needs Transformer Engine (transformer_engine "
+                          "with CUDA), which this machine does not have; use cp: 1")
+
+
 def check_config(cfg: SFTConfig) -> None:
     p = cfg.parallel
-    if min(p.tp, p.pp, p.dp, p.nodes) < 1:
-        raise ConfigError("parallel: tp, pp, dp and nodes must be >= 1")
-    if world_size(cfg) % p.nodes:
-        raise ConfigError(f"parallel: world size tp*pp*dp={world_size(cfg)} is not divisible by nodes={p.nodes}")
+    check_parallel(p)
     if cfg.training.max_steps is None and cfg.training.epochs is None:
         raise ConfigError("training: set max_steps or epochs")
     if cfg.data.think_ratio is not None and not 0.0 <= cfg.data.think_ratio <= 1.0:
@@ -251,10 +271,14 @@ def build_model_and_optimizer(cfg, steps: int):
 
     hf = providers.load_hf_config(architecture(cfg.model))
     t = cfg.training
-    chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, seed=t.seed, dtype=model_dtype(cfg))
+    p = cfg.parallel
+    chunks = providers.build_model(hf, p.tp, p.pp, seed=t.seed, dtype=model_dtype(cfg),
+                                   distributed_optimizer=p.distributed_optimizer,
+                                   config_overrides=providers.memory_overrides(p.sequence_parallel, p.recompute,
+                                                                               p.cp))
     optimizer = train_step.build_optimizer(chunks, lr=t.lr, weight_decay=t.weight_decay,
                                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, clip_grad=t.grad_clip,
-                                           min_lr=t.min_lr)
+                                           min_lr=t.min_lr, distributed=p.distributed_optimizer)
     warmup = min(t.warmup_steps, max(steps - 1, 0))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
@@ -312,9 +336,9 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.set_float32_matmul_precision(cfg.training.matmul_precision)
-    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.training.seed)
+    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.training.seed, cp=cfg.parallel.cp)
     if runtime.world_size() != world_size(cfg):
-        raise ConfigError(f"parallel: tp*pp*dp = {world_size(cfg)} but {runtime.world_size()} processes run")
+        raise ConfigError(f"parallel: tp*pp*cp*dp = {world_size(cfg)} but {runtime.world_size()} processes run")
     if on_init is not None:
         on_init()
     rank0 = runtime.rank() == 0

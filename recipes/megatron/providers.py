@@ -175,8 +175,25 @@ def layer_spec(config):
     return spec
 
 
+def memory_overrides(sequence_parallel: bool = False, recompute: str = "none", cp: int = 1) -> dict:
+    """TransformerConfig fields for the memory-saving layout knobs of `trainer.ParallelConfig`."""
+    out: dict = {}
+    if sequence_parallel:
+        out["sequence_parallel"] = True
+    if recompute == "full":  # every layer recomputed from its input in backward
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":  # only core attention (its S x S intermediates) is recomputed
+        out.update(recompute_granularity="selective")
+    elif recompute != "none":
+        raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
+    if cp > 1:
+        out["context_parallel_size"] = cp
+    return out
+
+
 def build_model(hf: dict, tp: int = 1, pp: int = 1, seed: int = 0, *, ddp: bool = True,
-                dtype: torch.dtype | None = None, config_overrides: dict | None = None) -> list:
+                dtype: torch.dtype | None = None, config_overrides: dict | None = None,
+                distributed_optimizer: bool = False) -> list:
     """Build this rank's model chunks (randomly initialised from `seed`). Call `runtime.init_distributed(tp, pp)`
     first. Load weights with `hf_mapping.load_hf_into_megatron` or `checkpointing.load_checkpoint`."""
     from megatron.core import parallel_state as ps
@@ -219,14 +236,14 @@ def build_model(hf: dict, tp: int = 1, pp: int = 1, seed: int = 0, *, ddp: bool 
         model.cuda(torch.cuda.current_device())
     if not ddp:
         return [model]
-    return [_wrap_ddp(model, config)]
+    return [_wrap_ddp(model, config, distributed_optimizer)]
 
 
-def _wrap_ddp(model, config):
+def _wrap_ddp(model, config, distributed_optimizer: bool = False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+                                               use_distributed_optimizer=distributed_optimizer)
     wrapped = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     wrapped.broadcast_params()  # DP replicas start from rank 0's weights of their model-parallel position
     return wrapped

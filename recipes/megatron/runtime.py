@@ -262,7 +262,7 @@ def set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_minutes: int = 30) -> None:
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_minutes: int = 30, cp: int = 1) -> None:
     """Initialise torch.distributed + megatron model-parallel groups (TP x PP, the rest DP) and seed everything.
 
     Works under `torchrun` (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK from the environment) and as a
@@ -289,14 +289,16 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_minutes: i
         )
         _STATE["owns_process_group"] = True
     ws = torch.distributed.get_world_size()
-    if ws % (tp * pp) != 0:
-        raise ValueError(f"world size {ws} is not divisible by tensor_parallel ({tp}) x pipeline_parallel ({pp})")
+    if ws % (tp * pp * cp) != 0:
+        raise ValueError(f"world size {ws} is not divisible by tensor_parallel ({tp}) x pipeline_parallel ({pp}) x "
+                         f"context_parallel ({cp})")
     if ps.model_parallel_is_initialized():
-        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (tp, pp):
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size()) != (tp, pp, cp):
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                     distributed_timeout_minutes=timeout_minutes)
+                                     context_parallel_size=cp, distributed_timeout_minutes=timeout_minutes)
     _seed_all(seed)
     _STATE["initialized"] = True
 

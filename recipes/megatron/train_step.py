@@ -262,7 +262,7 @@ def forward_backward(model_chunks: list, micro_batches: list[dict], seq_length: 
 
 
 def build_optimizer(model_chunks: list, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
-                    clip_grad: float = 1.0, min_lr: float | None = None):
+                    clip_grad: float = 1.0, min_lr: float | None = None, distributed: bool = False):
     """megatron-core's optimizer (AdamW, decoupled weight decay) over DDP-wrapped chunks; mixed precision follows
     the model's dtype (bf16 params keep fp32 main weights)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -273,7 +273,7 @@ def build_optimizer(model_chunks: list, lr: float, weight_decay: float = 0.0, be
         optimizer="adam", lr=lr, min_lr=min_lr if min_lr is not None else lr, weight_decay=weight_decay,
         adam_beta1=betas[0], adam_beta2=betas[1], adam_eps=eps, clip_grad=clip_grad,
         bf16=mconfig.bf16, fp16=mconfig.fp16, params_dtype=mconfig.params_dtype,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=distributed,
     )
     return get_megatron_optimizer(config, model_chunks)
 
