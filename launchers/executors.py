@@ -43,6 +43,7 @@ class StageTask:
     serve_port: int = 8000
     serve_ready_path: str = "/health"
     env: dict[str, str] = field(default_factory=dict)  # this stage's variables, over the profile's
+    origin: str | None = None  # where the stage was asked for (a pipeline step's file:line), for error messages
 
     def entry_args(self) -> list[str]:
         args: list[str] = []

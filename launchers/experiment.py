@@ -70,8 +70,54 @@ def build_experiment(title: str, tasks: list[StageTask], profile: Profile):
     return exp
 
 
-def dryrun(title: str, tasks: list[StageTask], profile: Profile) -> list[Rendered]:
-    """Render every stage without submitting anything."""
+def dryrun(title: str, tasks: list[StageTask], profile: Profile, checked: dict | None = None) -> list[Rendered]:
+    """Render every stage without submitting anything, each checked as its cluster would check it (a manifest
+    against its CRD schema, an sbatch script by bash's parser) and headed by its per-GPU memory plan."""
+    from launchers.preflight import plan_header
+
+    checked = checked or {}
+    headers = {t.name: plan_header(getattr(checked.get(t.name), "config", None)) for t in tasks}
+    out = [_with_header(r, headers.get(r.name, [])) for r in _render(title, tasks, profile)]
+    errors = [f"{r.name}: {e}" for r in out for e in validate_rendered(r)]
+    if errors:
+        from recipes.config import ConfigError
+
+        raise ConfigError("the rendered jobs would be rejected:\n  " + "\n  ".join(errors))
+    return out
+
+
+def _with_header(item: Rendered, lines: list[str]) -> Rendered:
+    """Comment lines at the top: after the shebang of a script, so `#SBATCH` directives stay where sbatch reads
+    them (before the first command)."""
+    if not lines:
+        return item
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in lines)
+    text = item.text
+    if text.startswith("#!"):
+        first, _, rest = text.partition("\n")
+        text = f"{first}\n{comment}{rest}"
+    else:
+        text = comment + text
+    return Rendered(item.name, item.kind, text, item.after)
+
+
+def validate_rendered(item: Rendered) -> list[str]:
+    """What a cluster would reject: manifests by their CRD / core schema (launchers.k8s), sbatch scripts by `bash -n`."""
+    import subprocess
+
+    if item.kind == "manifest":
+        import yaml
+
+        from launchers import k8s
+
+        return [e for doc in yaml.safe_load_all(item.text) if doc for e in k8s.validate(doc)]
+    if item.kind == "sbatch":
+        proc = subprocess.run(["bash", "-n"], input=item.text, capture_output=True, text=True, timeout=30)
+        return [proc.stderr.strip()] if proc.returncode else []
+    return []
+
+
+def _render(title: str, tasks: list[StageTask], profile: Profile) -> list[Rendered]:
     if isinstance(profile, K8sProfile):
         from launchers import k8s
 
@@ -242,14 +288,24 @@ def print_rendered(rendered, file=None) -> None:
     out = file or sys.stdout
     for item in rendered:
         after = f" after: {', '.join(item.after)}" if item.after else ""
+        if item.kind == "manifest":  # one YAML stream: `kubectl apply -f` takes the whole output
+            print("---", file=out)
         print(f"# ---- {item.name} ({item.kind}){after} ----", file=out)
         print(item.text.rstrip("\n"), file=out)
 
 
-def execute(title: str, tasks, profile, dry: bool, detach: bool) -> int:
-    """Dry-run or run the tasks; return 0 when every stage succeeded, else the first failure's code."""
+def execute(title: str, tasks, profile, dry: bool, detach: bool, checked: dict | None = None) -> int:
+    """Check, then dry-run or run the tasks; return 0 when every stage succeeded, else the first failure's code.
+    `checked`: the tasks' `launchers.preflight.check_tasks`, when the caller ran it before writing anything."""
+    if checked is None:
+        from launchers.preflight import check_tasks
+
+        checked = check_tasks(tasks, profile)
+    for name, item in checked.items():
+        for note in item.notes:
+            print(f"nrr launch: {name}: not checked here: {note}", file=sys.stderr)
     if dry:
-        print_rendered(dryrun(title, tasks, profile))
+        print_rendered(dryrun(title, tasks, profile, checked))
         return 0
     exp_id, results = run(title, tasks, profile, detach=detach)
     if detach:

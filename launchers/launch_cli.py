@@ -1,12 +1,14 @@
 """`nrr launch`: run a stage or the whole pipeline through NeMo-Run on local, Slurm or Kubernetes.
 
-    nrr launch sft --executor slurm --config nemo_configs/sft/tiny_cpu.yaml \\
-        executor.nodes=4 executor.gpus_per_node=8 train.max_steps=100 --dryrun
+    nrr launch sft --executor slurm --config nemo_configs/sft/qwen2.5-7b_h100.yaml \\
+        executor.account=ACC executor.nodes=2 training.max_steps=100 --dryrun
     nrr launch pipeline --executor local --config nemo_configs/pipeline/embedded.yaml
     nrr launch --status <experiment id>        nrr launch --logs <experiment id> [--task sft]
 
 Overrides starting with `executor.` change the executor profile; all others go to the stage
-(or, for `pipeline`, to the pipeline config).
+(or, for `pipeline`, to the pipeline config). Every stage's config is loaded and checked before anything is
+written or submitted (launchers/preflight.py): an unknown key, or a layout (tp*pp*cp*dp, parallel.nodes) that is
+not what the profile starts (nodes x GPUs), stops the launch with the key and where it was set.
 """
 
 from __future__ import annotations
@@ -82,8 +84,11 @@ def cli(args: argparse.Namespace) -> int:
         return pipeline_cli.run_pipeline(args.config or pipeline_cli.DEFAULT_CONFIG, stage_overrides, args.executor,
                                      executor_overrides, dryrun=args.dryrun, detach=args.detach,
                                      only=args.only.split(",") if args.only else None)
+    from launchers.preflight import check_tasks
+
     profile = load_profile(args.executor or "local", executor_overrides)
-    experiment.use_nemorun_home(profile)
     tasks = stage_tasks(args, profile, stage_overrides)
+    checked = check_tasks(tasks, profile)  # before NeMo-Run's store or any script is written
+    experiment.use_nemorun_home(profile)
     title = args.name or f"{args.target}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return experiment.execute(title, tasks, profile, args.dryrun, args.detach)
+    return experiment.execute(title, tasks, profile, args.dryrun, args.detach, checked)

@@ -62,17 +62,32 @@ def print_summary(cfg, profile, file=None) -> None:
         console.print(f"report: {report}", markup=False)
 
 
+def mark_origins(tasks, cfg, config: str) -> None:
+    """Each task's step in the pipeline file (file:line), so that a step's error points at the step."""
+    from recipes.config import read_yaml
+
+    _, where = read_yaml(config) if config else ({}, {})
+    index = {step.name: i for i, step in enumerate(cfg.steps)}
+    for task in tasks:
+        i = index[task.name]
+        line = where.get(f"steps[{i}].overrides") or where.get(f"steps[{i}].name") or config
+        task.origin = f"{line}, steps[{i}]"
+
+
 def run_pipeline(config: str, overrides: list[str], executor: str | None, executor_overrides: list[str],
                  dryrun: bool = False, detach: bool = False, only: list[str] | None = None) -> int:
     from launchers import experiment
     from launchers.pipeline import PipelineConfig, plan
+    from launchers.preflight import check_tasks
     from launchers.profiles import load_profile, run_path
     from recipes.config import load_config, save_config
 
     cfg = load_config(PipelineConfig, config, overrides)
     profile = load_profile(executor or cfg.executor, list(cfg.executor_overrides) + list(executor_overrides))
-    experiment.use_nemorun_home(profile)
     tasks = plan(cfg, profile, only)
+    mark_origins(tasks, cfg, config)
+    checked = check_tasks(tasks, profile)  # every step, before NeMo-Run's store or any script is written
+    experiment.use_nemorun_home(profile)
     if not dryrun:
         from pathlib import Path
 
@@ -80,7 +95,7 @@ def run_pipeline(config: str, overrides: list[str], executor: str | None, execut
         if profile.kind == "local" or run_dir.parent.exists():
             save_config(cfg, run_dir / "pipeline.yaml")
     title = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    rc = experiment.execute(title, tasks, profile, dryrun, detach)
+    rc = experiment.execute(title, tasks, profile, dryrun, detach, checked)
     if not dryrun and not detach:
         print_summary(cfg, profile)
     return rc

@@ -181,6 +181,17 @@ def code_path(profile: Profile, path: str) -> str:
     return resolve_under(profile.code_dir, path)
 
 
+def repo_file(profile: Profile, path: str) -> Path:
+    """A repository file named as the job sees it (`code_path`), as this checkout has it: the launching machine
+    reads the same configs the job will."""
+    p = Path(path)
+    if p.is_absolute():
+        if profile.code_dir and p.is_relative_to(profile.code_dir):
+            return REPO_ROOT / p.relative_to(profile.code_dir)
+        return p
+    return p if p.exists() else REPO_ROOT / p
+
+
 def run_path(profile: Profile, path: str) -> str:
     """Where a run output is, seen from the job (a shared filesystem on clusters)."""
     return resolve_under(profile.run_root, path)

@@ -170,6 +170,7 @@ class Group:
     truncated: list[bool]
     rewards: list[float]
     parts: dict[str, list[float]]
+    engine_logprobs: list[list[float]] | None = None  # per response, the engine's log-prob of each sampled token
 
 
 def rollout_groups(backend, tokenizer, problems: list[dict], cfg: GRPOConfig, seed: int) -> list[Group]:
@@ -181,8 +182,10 @@ def rollout_groups(backend, tokenizer, problems: list[dict], cfg: GRPOConfig, se
         samples = [Sample(tokenizer.response_text(c.text), p["answer"], len(c.token_ids), c.truncated,
                           tests=p.get("tests"), problem=p["problem"]) for c in completions]
         rewards, parts = score(samples, cfg.rewards)
+        engine_lp = [c.logprobs for c in completions]
         groups.append(Group(p, prompt, [c.token_ids for c in completions],
-                            [c.truncated for c in completions], rewards, parts))
+                            [c.truncated for c in completions], rewards, parts,
+                            engine_lp if all(lp is not None for lp in engine_lp) else None))
     return groups
 
 
@@ -226,8 +229,15 @@ def build_batch(groups: list[Group], std_normalize: bool, pad_id: int) -> dict[s
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
     labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
-    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "adv": adv.reshape(-1),
-            "position_ids": torch.arange(s).expand(len(rows), s).contiguous()}
+    out = {"tokens": tokens, "labels": labels, "loss_mask": mask, "adv": adv.reshape(-1),
+           "position_ids": torch.arange(s).expand(len(rows), s).contiguous()}
+    if all(gr.engine_logprobs is not None for gr in groups):  # aligned with labels, like the trainer's log-probs
+        engine = torch.zeros(len(rows), s)
+        lps = [lp for gr in groups for lp in gr.engine_logprobs]
+        for i, ((p, r), lp) in enumerate(zip(rows, lps)):
+            engine[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(lp, dtype=torch.float32)
+        out["engine_logp"] = engine
+    return out
 
 
 def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
@@ -249,7 +259,9 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
         fresh = ~inside | batch["on_policy"] if "on_policy" in batch else ~inside
         old = torch.where(fresh, logp.detach(), batch["old_logp"])
         ref = None if batch.get("ref_logp") is None else torch.where(inside, batch["ref_logp"], logp.detach())
-        loss_sum, denom, micro_stats = policy_loss(logp, old, batch["adv"], batch["loss_mask"], cfg, ref)
+        # the engine's log-probs of the sampled tokens: mismatch telemetry, and the TIS weights with loss.tis_cap
+        engine = None if batch.get("engine_logp") is None else torch.where(inside, batch["engine_logp"], old)
+        loss_sum, denom, micro_stats = policy_loss(logp, old, batch["adv"], batch["loss_mask"], cfg, ref, engine)
         with torch.no_grad():
             shard_logp = train_step.vocab_parallel_log_softmax(logits.detach())
             ent = -train_step.tp_sum((shard_logp.exp() * shard_logp).sum(-1))
@@ -433,7 +445,8 @@ def train(cfg: GRPOConfig) -> dict:
         load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
     ref_chunks = None
     if cfg.loss.kl_coef > 0:  # a frozen copy of the starting policy
-        ref_chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, ddp=False)
+        ref_chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, ddp=False,
+                                           config_overrides=providers.memory_overrides(cfg.parallel.sequence_parallel))
         for ref, pol in zip(ref_chunks, providers.unwrap(chunks)):
             ref.load_state_dict(pol.state_dict())
     start = 0
@@ -446,7 +459,7 @@ def train(cfg: GRPOConfig) -> dict:
         engine_dir = write_engine_dir(hf, run_dir / "engine", tokenizer)
     backend = start_engine(cfg.rollout, engine_dir, max_model_len=int(hf.get("max_position_embeddings", 512)),
                            seed=cfg.training.seed, in_process=runtime.world_size() == 1) if rank0 else None
-    refit(backend, chunks, hf)
+    refit(backend, chunks, hf, cfg.rollout.refit_bucket_mb)
 
     sampler = PromptSampler(cfg.prompts)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -469,6 +482,8 @@ def train(cfg: GRPOConfig) -> dict:
                 torch.distributed.broadcast_object_list(sampled, src=0)
             groups, sample_stats = sampled[0]
             t_gen = time.time() - t0
+            if rank0 and cfg.rollout.colocated_sleep:  # free the GPU for training; refit wakes the engine
+                backend.sleep()
 
             # 2. behaviour (and reference) log-probs, recomputed by the trainer
             t0 = time.time()
@@ -508,7 +523,7 @@ def train(cfg: GRPOConfig) -> dict:
             t_train = time.time() - t0
 
             # 4. new weights into the rollout engine
-            t_refit = refit(backend, chunks, hf)
+            t_refit = refit(backend, chunks, hf, cfg.rollout.refit_bucket_mb)
 
             done = step + 1
             metrics = step_metrics(groups, batch, loss_stats, reports, sample_stats, tokenizer)
@@ -577,6 +592,15 @@ def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: li
          "loss": sum(r["loss"] for r in reports) / len(reports),
          "grad_norm": sum(r["grad_norm"] for r in reports) / len(reports), "lr": reports[-1]["lr"],
          "advantage/abs_mean": float(batch["adv"].abs().mean()), **sample_stats}
+    mismatch_tokens = sum(s.get("mismatch_tokens", 0.0) for s in loss_stats)
+    if mismatch_tokens:  # the engine's vs the trainer's old-policy log-probs of the trained tokens (losses.py)
+        m["mismatch/token_mult_prob_error"] = sum(s["mismatch_mult_prob_error_sum"]
+                                                  for s in loss_stats) / mismatch_tokens
+        m["mismatch/kl"] = sum(s["mismatch_kl_sum"] for s in loss_stats) / mismatch_tokens  # k1 of KL(engine||train)
+        m["mismatch/kl_k3"] = sum(s["mismatch_kl_k3_sum"] for s in loss_stats) / mismatch_tokens
+        m["mismatch/max_abs_logprob_diff"] = max(s.get("mismatch_max_abs_diff", 0.0) for s in loss_stats)
+        if any("tis_weight_sum" in s for s in loss_stats):
+            m["mismatch/tis_weight"] = sum(s.get("tis_weight_sum", 0.0) for s in loss_stats) / tokens
     for name in groups[0].parts:
         vals = torch.tensor([v for gr in groups for v in gr.parts[name]])
         m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = float(vals.mean()), float(vals.std())

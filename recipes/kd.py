@@ -156,14 +156,27 @@ class Teacher:
         if t_tok.hf.get_vocab() != s_tok.hf.get_vocab():
             raise ConfigError(f"teacher.checkpoint: its tokenizer ({t_tok.folder}) is not the student's "
                               f"({s_tok.folder}): logit KD compares distributions over one vocabulary")
+        sp = self.cfg.parallel.sequence_parallel  # the student's layout (recompute is for models that train)
         self.chunks = providers.build_model(t_hf, tp, pp, seed=self.cfg.training.seed, ddp=False,
-                                            dtype=model_dtype(self.cfg))
+                                            dtype=model_dtype(self.cfg),
+                                            config_overrides=providers.memory_overrides(sequence_parallel=sp))
         load_pretrained(self.chunks, resolve_path(self.cfg.teacher.checkpoint))
         for c in self.chunks:
             c.eval()
             c.requires_grad_(False)
 
     def attach_logits(self, micro_batches: list[dict]) -> list[dict]:
+        """The micro batches with the teacher's logits. Without pipeline parallelism they are computed one micro
+        batch at a time as the student's schedule reaches it (one micro batch of teacher logits alive, not the
+        whole step's); with it, by a forward-only pass of the teacher's own pipeline first (logits on the last
+        stage), since its stages cannot interleave with the student's."""
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return _OnDemandTeacherBatches(micro_batches, self)
+        return self._attach_all(micro_batches)
+
+    def _attach_all(self, micro_batches: list[dict]) -> list[dict]:
         """Forward-only pass of the teacher through the pipeline; logits land on the last stage."""
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -188,6 +201,19 @@ class Teacher:
         if not ps.is_pipeline_last_stage():
             return micro_batches
         return [{**mb, "teacher_logits": item["logits"]} for mb, item in zip(micro_batches, store)]
+
+
+class _OnDemandTeacherBatches(list):
+    """The student's micro batches (indexing gives them as they are, for shape checks); iterating attaches each
+    one's teacher logits just before the student's schedule takes it."""
+
+    def __init__(self, micro_batches: list[dict], teacher: Teacher):
+        super().__init__(micro_batches)
+        self.teacher = teacher
+
+    def __iter__(self):
+        for mb in list.__iter__(self):
+            yield self.teacher._attach_all([mb])[0]
 
 
 def distill(cfg: KDConfig) -> dict:

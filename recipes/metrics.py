@@ -8,6 +8,29 @@ import time
 from pathlib import Path
 
 
+def model_flops_per_token(hf: dict, seq_length: int) -> float:
+    """Training FLOPs per token of a decoder (forward + backward = 3 forwards), counted as PaLM's appendix B counts
+    model FLOPs (Chowdhery et al. 2022): 6 x the parameters that multiply activations (every layer's projections
+    and the output layer; not the embedding lookup, norms or biases) + 12 x layers x heads x head_dim x sequence
+    length for attention's scores and weighted sum (the causal mask's saving not subtracted, as there)."""
+    h, f, layers = int(hf["hidden_size"]), int(hf["intermediate_size"]), int(hf["num_hidden_layers"])
+    nh = int(hf["num_attention_heads"])
+    nkv = int(hf.get("num_key_value_heads") or nh)
+    hd = int(hf.get("head_dim") or h // nh)
+    matmul_params = layers * (h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * f) + int(hf["vocab_size"]) * h
+    return 6.0 * matmul_params + 12.0 * layers * nh * hd * seq_length
+
+
+def throughput(tokens: float, seconds: float, gpus: int, flops_per_token: float,
+               peak_tflops: float | None = None) -> dict:
+    """Per-GPU throughput of a step: tokens/s, model TFLOP/s and, with the device's peak, the utilisation."""
+    per_gpu = tokens / max(seconds, 1e-9) / gpus
+    out = {"tokens_per_s_per_gpu": per_gpu, "model_tflops_per_gpu": per_gpu * flops_per_token / 1e12}
+    if peak_tflops:
+        out["mfu"] = out["model_tflops_per_gpu"] / peak_tflops
+    return out
+
+
 class MetricsLogger:
     """Append one JSON object per step to `metrics.jsonl` and mirror scalars to TensorBoard.
 

@@ -49,7 +49,11 @@ def architecture(model: ModelConfig) -> Path:
             if (init / name).is_file():
                 return init / name
         if not init.exists():
-            raise ConfigError(f"model.init_checkpoint: {init} does not exist")
+            if not model.hf_config:
+                raise ConfigError(f"model.init_checkpoint: {init} does not exist")
+            # a checkpoint on the cluster's filesystem only: plan and validate with hf_config here; loading it
+            # where it does not exist fails when the run starts
+            return resolve_path(model.hf_config)
     if not model.hf_config:
         raise ConfigError("model.hf_config is required when model.init_checkpoint has no config.json / "
                           "hf_config.json")
@@ -330,7 +334,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
 
     from recipes.data.sft_dataset import RowSampler, micro_batches
     from recipes.megatron import checkpointing, runtime, train_step
-    from recipes.metrics import MetricsLogger, progress
+    from recipes.metrics import MetricsLogger, model_flops_per_token, progress, throughput
 
     check_config(cfg)
     if cfg.training.threads:
@@ -388,6 +392,8 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
                             f"{steps} steps of {rows_per_step} rows (micro batch {mbs}, grad accumulation "
                             f"{grad_acc}, dp {dp})")
     summary: dict = {"data": data.stats, "steps": steps, "start_step": start}
+    flops_per_token = model_flops_per_token(load_hf_config(architecture(cfg.model)), cfg.data.seq_length)
+    peak = runtime.device_peak_tflops()
     hooks = (loss_fn, prepare_batches, extra_metrics)
     report = {"loss": float("nan")}
     t_start = time.time()
@@ -404,6 +410,8 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
             done = step + 1
             metrics = {"loss": report["loss"], "lr": lr, "grad_norm": report["grad_norm"],
                        "tokens_per_s": rows_per_step * cfg.data.seq_length / dt,
+                       **throughput(rows_per_step * cfg.data.seq_length, dt, runtime.world_size(), flops_per_token,
+                                    peak),
                        "loss_tokens": report["num_tokens"], "step_time_s": dt,
                        "epoch": done / sampler.steps_per_epoch}
             if extra_metrics is not None:
@@ -412,7 +420,10 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
             bar.update(task, completed=done, info=f"loss {report['loss']:.4f} lr {lr:.2e}")
             if cfg.logging.every_steps and done % cfg.logging.every_steps == 0 and not cfg.logging.progress:
                 runtime.print_rank0(f"[{stage}] step {done}/{steps} loss {report['loss']:.4f} "
-                                    f"lr {lr:.2e} grad_norm {report['grad_norm']:.3f}")
+                                    f"lr {lr:.2e} grad_norm {report['grad_norm']:.3f} "
+                                    f"{metrics['tokens_per_s_per_gpu']:.0f} tok/s/GPU "
+                                    f"{metrics['model_tflops_per_gpu']:.2f} TFLOP/s/GPU"
+                                    + (f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""))
             if cfg.validation.every_steps and done % cfg.validation.every_steps == 0 and done < steps \
                     and data.valid_rows:
                 logger.log(done, evaluate(chunks, data.valid_rows, cfg, *hooks), prefix="valid/")

@@ -94,3 +94,15 @@ def test_every_stage_has_help():
     for stage in STAGES:
         out = subprocess.run([sys.executable, "-m", "recipes.cli", stage, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: nrr" in out.stdout, (stage, out.stderr[-500:])
+
+
+def test_context_parallel_without_transformer_engine_is_a_config_error():
+    from recipes.megatron.providers import have_te
+    from recipes.trainer import ParallelConfig, check_parallel
+
+    if have_te():
+        pytest.skip("Transformer Engine is present: cp > 1 runs")
+    with pytest.raises(ConfigError, match=r"parallel\.cp=2: context parallelism needs Transformer Engine"):
+        check_parallel(ParallelConfig(tp=1, cp=2))
+    out = subprocess.run([sys.executable, "-m", "recipes.cli", "sft", "parallel.cp=2"], capture_output=True, text=True)
+    assert out.returncode == 2 and "parallel.cp=2" in out.stderr and "Transformer Engine" in out.stderr

@@ -42,3 +42,47 @@ def test_text_and_token_id_prompts_give_the_same_samples(tiny_model):
     sampled = backend.generate(prompts, SamplingParams(n=3, temperature=0.9, max_tokens=12, seed=6))
     assert sampled != as_text  # another seed, other samples
     backend.close()
+
+
+def test_rollout_engine_settings_reach_vllm_arguments():
+    """Every engine key of the rollout config changes what vLLM's LLM(...) receives (CPU and GPU rules)."""
+    import pytest
+
+    from recipes.generation.vllm_engine import llm_kwargs
+    from recipes.rl.rollout import RolloutConfig, engine_options
+
+    def kwargs(cpu, **cfg):
+        opts = engine_options(RolloutConfig(**cfg), max_model_len=256, seed=3)
+        del opts["in_process"], opts["cpu_threads"]  # VLLMEngine's own, not vLLM's
+        return llm_kwargs("m", cpu=cpu, **opts)
+
+    cpu, gpu = kwargs(True), kwargs(False)
+    assert (cpu["dtype"], gpu["dtype"]) == ("float32", "bfloat16")  # dtype: auto
+    assert cpu["kv_cache_memory_bytes"] == 256 * 2**20 and "gpu_memory_utilization" not in cpu
+    # on GPU an explicit KV size would override gpu_memory_utilization, so only the latter goes
+    assert gpu["gpu_memory_utilization"] == 0.5 and "kv_cache_memory_bytes" not in gpu
+    assert "tensor_parallel_size" not in gpu and "enable_sleep_mode" not in gpu
+    assert cpu["load_format"] == "dummy" and cpu["max_model_len"] == 256 and cpu["seed"] == 3
+    assert cpu["logprobs_mode"] == "processed_logprobs"  # the sampled distribution's log-probs (temperature applied)
+    assert kwargs(True, dtype="bfloat16")["dtype"] == "bfloat16"
+    assert kwargs(True, kv_cache_mb=64)["kv_cache_memory_bytes"] == 64 * 2**20
+    assert kwargs(False, gpu_memory_utilization=0.3)["gpu_memory_utilization"] == 0.3
+    assert kwargs(False, tensor_parallel_size=4)["tensor_parallel_size"] == 4
+    assert kwargs(False, colocated_sleep=True)["enable_sleep_mode"] is True
+    assert kwargs(True, enforce_eager=False)["enforce_eager"] is False
+    with pytest.raises(ValueError, match="colocated_sleep=true needs a GPU"):
+        kwargs(True, colocated_sleep=True)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        kwargs(False, gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="vLLM settings"):
+        engine_options(RolloutConfig(backend="hf", colocated_sleep=True))
+    assert engine_options(RolloutConfig(backend="hf", dtype="bfloat16"))["dtype"] == "bfloat16"
+    assert RolloutConfig().sampling(4, seed=1).logprobs  # rollouts ask for the sampled tokens' log-probs
+
+
+def test_completion_logprobs_are_cut_with_the_tokens():
+    a = tok.encode("12")
+    c = to_completion(a + [EOS] + [5, 6], {EOS}, 100, tok.decode, [-0.1, -0.2, -0.3, -0.4, -0.5])
+    assert c.token_ids == a + [EOS] and c.logprobs == [-0.1, -0.2, -0.3]
+    long = to_completion(a + [5, 6], {EOS}, 3, tok.decode, [-0.1, -0.2, -0.3, -0.4])
+    assert long.logprobs == [-0.1, -0.2, -0.3] and to_completion(a, {EOS}, 3, tok.decode).logprobs is None

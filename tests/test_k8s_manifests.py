@@ -96,10 +96,63 @@ def test_k8s_dryrun_cli(tmp_path, capsys, monkeypatch):
     from recipes.cli import main
 
     monkeypatch.setenv("NEMORUN_HOME", str(tmp_path))
+    # 2 nodes x 8 GPUs = 16 ranks: TP=2 PP=2 DP=4 of the tiny model
     rc = main(["launch", "sft", "--executor", "k8s", "--dryrun", f"executor.nemorun_home={tmp_path}",
-               "executor.num_nodes=2"])
+               "executor.num_nodes=2", "parallel.nodes=2", "parallel.tp=2", "parallel.pp=2", "parallel.dp=4",
+               "training.micro_batch_size=4"])
     out = capsys.readouterr().out
     assert rc == 0
     docs = list(yaml.safe_load_all(out[out.index("apiVersion"):]))
     assert docs[0]["kind"] == "TrainJob" and docs[0]["spec"]["trainer"]["numNodes"] == 2
     assert k8s.validate(docs[0]) == []
+    if has_planner():  # the manifest's header comment: the layout's per-GPU memory plan
+        header = out[:out.index("apiVersion")]
+        assert "# per-GPU memory plan" in header and "TP2 PP2 CP1 DP4 mbs4" in header
+
+
+def has_planner() -> bool:
+    try:
+        from recipes.planner import plan_table  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("cluster.yaml", []),
+    # the CPU demo's stages are one process each: one process per node instead of one per GPU
+    ("embedded.yaml", ["executor.nproc_per_node=1"]),
+])
+def test_pipeline_dryrun_cli(config, overrides, tmp_path, capsys, monkeypatch):
+    """Every step checked (config, layout, model shape), rendered, and its manifest valid against the CRDs."""
+    from recipes.cli import main
+
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path))
+    rc = main(["pipeline", "--config", f"nemo_configs/pipeline/{config}", "--executor", "k8s", "--dryrun",
+               f"executor.nemorun_home={tmp_path}", *overrides])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    docs = [d for d in yaml.safe_load_all(captured.out) if d]
+    assert docs and all(k8s.validate(d) == [] for d in docs)
+    assert {d["kind"] for d in docs} == {"RayJob", "TrainJob"}
+    if has_planner():
+        for name in ("sft", "grpo"):
+            section = captured.out[captured.out.index(f"# ---- {name} (manifest)"):]
+            assert section.splitlines()[1] == "# per-GPU memory plan (recipes.planner):", name
+
+
+def test_pipeline_dryrun_refuses_a_bad_step(tmp_path, capsys):
+    """A step's unknown key is named with the step's place in the pipeline file; nothing is written."""
+    from recipes.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    text = (ROOT / "nemo_configs/pipeline/cluster.yaml").read_text()
+    bad.write_text(text.replace('"model.init_checkpoint=${sft.dir}/checkpoints"', '"init_checkpoint=${sft.dir}/x"'))
+    home = tmp_path / "nemorun"
+    rc = main(["pipeline", "--config", str(bad), "--executor", "k8s", "--dryrun", f"executor.nemorun_home={home}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    line = next(i for i, s in enumerate(bad.read_text().splitlines(), 1) if "overrides: [\"model.hf_config=" in s)
+    assert f"stage 'grpo' ({bad}:{line}, steps[2]):" in err
+    assert "unknown key 'init_checkpoint'" in err and "[from override 'init_checkpoint=/runs/reasoning/sft/x']" in err
+    assert not home.exists()

@@ -14,7 +14,7 @@ from launchers.entry import stage_state
 from launchers.pipeline import PipelineConfig, plan
 from launchers.profiles import load_profile
 from recipes.cli import main
-from recipes.config import ConfigError, load_config
+from recipes.config import ConfigError, load_config, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTINEL = "sk-nrr-SENTINEL-do-not-leak-4242"
@@ -35,9 +35,21 @@ def nrr(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, timeout=timeout)
 
 
+TINY_32_RANKS = ["parallel.nodes=4", "parallel.tp=2", "parallel.pp=2", "parallel.dp=8", "training.micro_batch_size=2"]
+
+
+def has_planner() -> bool:
+    try:
+        from recipes.planner import plan_table  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
     proc = nrr("launch", "sft", "--executor", "slurm", "--dryrun", "executor.account=llm", "executor.nodes=4",
-               "executor.gpus_per_node=8", f"executor.nemorun_home={nemorun_home}", "train.max_steps=50")
+               "executor.gpus_per_node=8", f"executor.nemorun_home={nemorun_home}", *TINY_32_RANKS,
+               "training.max_steps=50")
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-2000:]
     script = out[out.index("#!/bin/bash"):]
@@ -54,26 +66,128 @@ def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
     assert "torchrun --rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500" in srun
     assert "--nnodes 4 --nproc-per-node 8 --node-rank $SLURM_NODEID" in srun
     assert srun.endswith("-m launchers.entry --stage-dir /lustre/nrr/runs/launch/sft -- sft "
-                         "--config /opt/nrr/nemo_configs/sft/tiny_cpu.yaml train.max_steps=50 "
-                         "output_dir=/lustre/nrr/runs/launch/sft")  # outputs land in the stage's folder
+                         f"--config /opt/nrr/nemo_configs/sft/tiny_cpu.yaml {' '.join(TINY_32_RANKS)} "
+                         "training.max_steps=50 output_dir=/lustre/nrr/runs/launch/sft")  # outputs in the stage's folder
     assert 'head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)' in script
     assert "export NCCL_DEBUG=WARN" in script
+    if has_planner():  # the memory plan heads the script, before the #SBATCH lines sbatch must still read
+        header = script[:script.index("#SBATCH")]
+        assert "# per-GPU memory plan" in header and "TP2 PP2 CP1 DP8 mbs2" in header
     assert SENTINEL not in out + proc.stderr
     # the dry run leaves no experiment behind
     assert not list(Path(nemorun_home).glob("experiments/*/*/"))
 
 
-def test_local_dryrun_uses_torchrun_for_megatron_stages(nemorun_home, capsys):
-    rc = main(["launch", "grpo", "--dryrun", "executor.nproc_per_node=2", f"executor.nemorun_home={nemorun_home}"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    cmd = out.splitlines()[out.splitlines().index("# ---- grpo (command) ----") + 1]
-    assert cmd.startswith("torchrun ") and "--nproc-per-node 2" in cmd and "--nnodes 1" in cmd
-    assert cmd.endswith(f"-- grpo --config {ROOT}/nemo_configs/grpo/tiny_cpu.yaml output_dir={ROOT}/runs/launch/grpo")
-    rc = main(["launch", "eval", "--dryrun", f"executor.nemorun_home={nemorun_home}"])
-    out = capsys.readouterr().out
-    assert out.splitlines()[out.splitlines().index("# ---- eval (command) ----") + 1].startswith(
-        "python -m launchers.entry")
+def launch_error(capsys, *args: str) -> str:
+    """`nrr launch ...` in this process; its config error (exit code 2)."""
+    rc = main(["launch", *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "the launch was not submitted" in err
+    return err
+
+
+def test_dryrun_refuses_a_bad_stage_config_before_writing_anything(tmp_path, capsys):
+    home = tmp_path / "nemorun"
+    err = launch_error(capsys, "sft", "--executor", "slurm", "--dryrun", f"executor.nemorun_home={home}",
+                       "training.max_stepz=50")
+    assert "unknown key 'training.max_stepz' (did you mean 'training.max_steps'?)" in err
+    assert "override 'training.max_stepz=50'" in err
+    err = launch_error(capsys, "sft", "--dryrun", f"executor.nemorun_home={home}", "train.max_steps=50")
+    assert "unknown key 'train' (did you mean 'training'?)" in err and "[from override 'train.max_steps=50']" in err
+    # a key inside the YAML is named with its file and line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "nemo_configs/sft/tiny_cpu.yaml").read_text().replace("  seq_length: 192",
+                                                                                 "  seq_lenght: 192"))
+    err = launch_error(capsys, "sft", "--config", str(bad), "--dryrun", f"executor.nemorun_home={home}")
+    line = bad.read_text().splitlines().index("  seq_lenght: 192") + 1
+    assert f"{bad}:{line}: unknown key 'data.seq_lenght'" in err
+    # a stage's own arguments go through its own parser
+    err = launch_error(capsys, "task", "--dryrun", f"executor.nemorun_home={home}", "--", "--split", "bogus")
+    assert "nrr task: argument --split: invalid choice: 'bogus'" in err
+    assert not home.exists()  # nothing was written: not even NeMo-Run's store
+
+
+def test_layout_must_match_the_profile_and_split_the_model(tmp_path, capsys):
+    home = f"executor.nemorun_home={tmp_path / 'nemorun'}"
+    # the README's 7B example as it was: the recipe wants 2 nodes, the profile gives 1
+    err = launch_error(capsys, "sft", "--config", "nemo_configs/sft/qwen2.5-7b_h100.yaml", "--executor", "slurm",
+                       "--dryrun", home)
+    recipe = ROOT / "nemo_configs/sft/qwen2.5-7b_h100.yaml"
+    where = read_yaml(recipe)[1]
+    assert f"parallel.nodes=2 ({where['parallel.nodes']}) but the slurm profile starts 1 node(s)" in err
+    err = launch_error(capsys, "sft", "--config", "nemo_configs/sft/qwen2.5-7b_h100.yaml", "--executor", "slurm",
+                       "--dryrun", home, "executor.nodes=2", "executor.gpus_per_node=4")
+    from recipes.trainer import SFTConfig, world_size
+
+    p = load_config(SFTConfig, recipe).parallel
+    assert f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} = {world_size(SFTConfig(parallel=p))} ranks" in err
+    assert "2 node(s) x 4 process(es) = 8" in err
+    assert f"parallel.dp at {where['parallel.dp']}" in err
+    err = launch_error(capsys, "sft", "--config", "nemo_configs/sft/qwen2.5-7b_h100.yaml", "--executor", "slurm",
+                       "--dryrun", home, "executor.nodes=2", "parallel.tp=8", "parallel.pp=1", "parallel.cp=1",
+                       "parallel.dp=2")
+    assert "parallel.tp=8 does not divide the model's num_attention_heads=28" in err
+    assert "recipes/assets/models/qwen2.5-7b/config.json:8" in err
+    err = launch_error(capsys, "sft", "--dryrun", home, "executor.nproc_per_node=2", "parallel.pp=3", "parallel.dp=1")
+    assert "tp*pp*cp*dp = 1*3*1*1 = 3 ranks" in err
+    err = launch_error(capsys, "sft", "--dryrun", home, "parallel.pp=3")
+    assert "1 node(s) x 1 process(es) = 1" in err
+
+
+def pipeline_dryruns(tmp_path, runs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Several `nrr pipeline ... --dryrun` in one child process (one NeMo-Run import), stdin closed."""
+    code = ("import contextlib, io, json, sys\nfrom recipes.cli import main\nout = []\n"
+            "for argv in json.loads(sys.argv[1]):\n"
+            "    o, e = io.StringIO(), io.StringIO()\n"
+            "    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):\n"
+            "        rc = main(argv)\n"
+            "    out.append([rc, o.getvalue(), e.getvalue()])\n"
+            "print('\\x00' + json.dumps(out))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], cwd=ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [subprocess.CompletedProcess(argv, rc, o, e)
+            for argv, (rc, o, e) in zip(runs, json.loads(proc.stdout.split("\x00")[-1]))]
+
+
+def sections(out: str) -> dict[str, str]:
+    """`# ---- name (kind) ----` sections of a dry run's output."""
+    found: dict[str, str] = {}
+    name = None
+    for line in out.splitlines():
+        if line.startswith("# ---- "):
+            name = line.split()[2]
+            found[name] = ""
+        elif name:
+            found[name] += line + "\n"
+    return found
+
+
+@pytest.mark.slow
+def test_pipelines_dryrun_on_slurm(tmp_path):
+    home = f"executor.nemorun_home={tmp_path / 'nemorun'}"
+    cluster, embedded = pipeline_dryruns(tmp_path, [
+        ["pipeline", "--config", "nemo_configs/pipeline/cluster.yaml", "--executor", "slurm", "--dryrun", home],
+        # the CPU demo's stages are one process each: one process per node instead of one per GPU
+        ["pipeline", "--config", "nemo_configs/pipeline/embedded.yaml", "--executor", "slurm", "--dryrun", home,
+         "executor.nproc_per_node=1"],
+    ])
+    for proc, steps in [(cluster, ["curate", "sft", "grpo", "export", "eval"]),
+                        (embedded, ["curate", "eval_base", "sft", "grpo", "export", "eval"])]:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        parts = sections(proc.stdout)
+        assert list(parts) == steps
+        for name in ("sft", "grpo"):
+            script = parts[name]
+            assert script.startswith("#!/bin/bash") and "#SBATCH --nodes=1" in script
+            if has_planner():
+                assert "# per-GPU memory plan" in script[:script.index("#SBATCH")], name
+    assert "#SBATCH --gpus-per-node=8" in sections(cluster.stdout)["sft"]
+    assert "--nnodes 1 --nproc-per-node 8" in sections(cluster.stdout)["sft"]
+    assert "eval run --config /opt/nrr/nemo_configs/eval/embedded.yaml model=/lustre/nrr/reasoning/export/hf" \
+        in sections(cluster.stdout)["eval"]
+    assert not list((tmp_path / "nemorun").glob("experiments/*/*/"))
 
 
 def test_profile_errors_name_the_key():
@@ -166,19 +280,20 @@ def test_local_pipeline_stops_after_a_failed_stage(tmp_path, monkeypatch):
     """Two wired stages on the LocalExecutor: the first fails, the second must not run."""
     home = tmp_path / "nemorun"
     monkeypatch.setenv("NEMORUN_HOME", str(home))
+    # a failure only the job can see (its output folder is missing), not one the launch refuses up front
     steps = [
-        {"name": "first", "stage": "task", "overrides": ["--split", "bogus"]},
+        {"name": "first", "stage": "task", "overrides": ["--n", "1", "--output", "${dir}/missing/problems.jsonl"]},
         {"name": "second", "stage": "task", "after": ["first"],
          "overrides": ["--n", "1", "--output", "${dir}/problems.jsonl"]},
     ]
     cfg_path = tmp_path / "pipe.yaml"
     cfg_path.write_text(json.dumps({"name": "failing", "run_dir": str(tmp_path / "run"), "steps": steps}))
     proc = nrr("pipeline", "--config", str(cfg_path), f"executor.nemorun_home={home}")
-    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert stage_state(tmp_path / "run" / "first") == "FAILED"
     assert stage_state(tmp_path / "run" / "second") == "FAILED"
     assert not (tmp_path / "run" / "second" / "problems.jsonl").exists()
-    assert "invalid choice: 'bogus'" in proc.stdout  # the failed stage's log tail reaches the user
+    assert "No such file or directory" in proc.stdout  # the failed stage's log tail reaches the user
 
 
 def test_pipeline_report_tables_levels_and_links_step_reports(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recipes.rl.advantages import group_advantages, informative_groups
-from recipes.rl.losses import LossConfig, entropy_from_logits, k3_kl, policy_loss
+from recipes.rl.losses import LossConfig, entropy_from_logits, k3_kl, mismatch_stats, policy_loss, token_losses
 
 # two sequences, three token slots; the last slot of sequence 0 is padding (ratio 5 must not count)
 RATIOS = torch.tensor([[1.5, 0.9, 5.0], [0.5, 1.1, 1.3]], dtype=torch.float64)
@@ -112,3 +112,58 @@ def test_entropy():
     assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
     peaked = torch.tensor([[100.0, 0.0, 0.0]])
     assert entropy_from_logits(peaked).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# truncated importance sampling: raw weights pi_old / pi_engine per token, cap 2.5 -> [[2, 0.5, 2.5], [1, 2.5, 0.25]]
+RAW_W = torch.tensor([[2.0, 0.5, 9.0], [1.0, 3.0, 0.25]], dtype=torch.float64)
+ENGINE = OLD - RAW_W.log()
+
+
+def test_tis_weights_each_policy_gradient_term_by_hand():
+    cfg = LossConfig(variant="dapo", tis_cap=2.5)
+    logp = _logp()
+    loss_sum, den, stats = policy_loss(logp, OLD, ADV, MASK, cfg, engine_logp=ENGINE)
+    # token terms (above) -1.2, -0.9 | 0.8, 1.1, 1.3 times weights 2, 0.5 | 1, 2.5 (capped 3), 0.25
+    assert loss_sum.item() == pytest.approx(2 * -1.2 + 0.5 * -0.9 + 1 * 0.8 + 2.5 * 1.1 + 0.25 * 1.3, abs=1e-9)
+    assert den.item() == 5.0
+    assert stats["tis_weight_sum"] == pytest.approx(2 + 0.5 + 1 + 2.5 + 0.25)
+    (loss_sum / den).backward()
+    # the weight is a constant: d/dlogp of -w*r*A / 5 on the unclipped tokens
+    assert logp.grad[0, 1].item() == pytest.approx(-0.5 * 0.9 * 1.0 / 5)
+    assert logp.grad[1, 2].item() == pytest.approx(-0.25 * 1.3 * -1.0 / 5)
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0  # clipped, padding
+    # the KL term is not reweighted
+    ref = OLD.clone()
+    with_kl, _ = token_losses(_logp(), OLD, ADV, LossConfig(tis_cap=2.5, kl_coef=0.1), ref, ENGINE)
+    pg, _ = token_losses(_logp(), OLD, ADV, LossConfig(tis_cap=2.5), None, ENGINE)
+    assert torch.allclose(with_kl - pg, 0.1 * k3_kl(_logp(), ref))
+    with pytest.raises(ValueError, match="engine's log-probs"):
+        policy_loss(_logp(), OLD, ADV, MASK, cfg)
+
+
+def test_without_tis_cap_the_loss_is_unchanged():
+    assert LossConfig().tis_cap is None
+    for variant in ("grpo", "dr_grpo", "dapo"):
+        cfg = LossConfig(variant=variant, max_response_tokens=4)
+        a, b = _logp(), _logp()
+        plain = policy_loss(a, OLD, ADV, MASK, cfg)
+        told = policy_loss(b, OLD, ADV, MASK, cfg, engine_logp=ENGINE)  # telemetry only
+        assert torch.equal(plain[0], told[0]) and torch.equal(plain[1], told[1])
+        (plain[0] / plain[1]).backward()
+        (told[0] / told[1]).backward()
+        assert torch.equal(a.grad, b.grad)
+        assert "tis_weight_sum" not in told[2] and told[2]["mismatch_tokens"] == 5
+
+
+def test_mismatch_stats_by_hand():
+    train = torch.tensor([[-1.0, -2.0, -3.0]])
+    engine = torch.tensor([[-1.1, -1.5, -9.0]])
+    s = mismatch_stats(train, engine, torch.tensor([[1, 1, 0]]))  # the third token is masked out
+    d = [-0.1, 0.5]  # engine - train
+    assert s["mismatch_tokens"] == 2
+    assert s["mismatch_mult_prob_error_sum"] / 2 == pytest.approx((math.exp(0.1) + math.exp(0.5)) / 2)
+    assert s["mismatch_kl_sum"] / 2 == pytest.approx(0.2)
+    assert s["mismatch_kl_k3_sum"] == pytest.approx(sum(math.exp(-x) - 1 + x for x in d))
+    assert s["mismatch_max_abs_diff"] == pytest.approx(0.5)
+    same = mismatch_stats(train, train, torch.ones(1, 3))
+    assert same["mismatch_mult_prob_error_sum"] == 3 and same["mismatch_kl_sum"] == 0

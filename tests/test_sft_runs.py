@@ -123,3 +123,16 @@ def test_logit_kd_runs_end_to_end(tmp_path, tp1_run):
     # gradients too (a vocab-parallel normaliser needs an all-reduce in backward; identity under-counts it)
     assert abs(tp1[0]["grad_norm"] - tp2[0]["grad_norm"]) < 1e-4 * tp1[0]["grad_norm"]
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(tp1, tp2))
+    # throughput in every step's log: per GPU, and model FLOP/s by PaLM's count for the student at its length
+    from recipes.config import load_config
+    from recipes.kd import KDConfig
+    from recipes.megatron.providers import load_hf_config
+    from recipes.metrics import model_flops_per_token
+
+    cfg = load_config(KDConfig, ROOT / "nemo_configs/kd/tiny_cpu.yaml", TINY)
+    flops = model_flops_per_token(load_hf_config(ROOT / cfg.model.hf_config), cfg.data.seq_length)
+    for rows, gpus in ((tp1, 1), (tp2, 2)):
+        for r in rows:
+            assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / gpus)
+            assert r["model_tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * flops / 1e12)
+            assert "mfu" not in r  # no peak known for a CPU

@@ -95,12 +95,19 @@ def test_two_process_sft_succeeds_and_failure_reaches_user(cluster, tmp_path):
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert (run_dir / ".nrr_stage/SUCCEEDED").exists()
 
+    # a mistake the launch can see is refused before sbatch: no job, no job folder
+    refused = tmp_path / "refused"
+    proc = launch(cluster, refused, "task", "--split", "bogus")
+    assert proc.returncode == 2 and "nrr task: argument --split: invalid choice: 'bogus'" in proc.stderr
+    assert not (refused / "nemorun").exists()
+
+    # one only the job can see (its output folder does not exist) fails the job, and its log reaches the user
     bad = tmp_path / "bad"
-    proc = launch(cluster, bad, "task", "--split", "bogus")
-    # both workers exit 2; which of them torchrun reports first (2, or the SIGTERM it sent the other) is a race
+    proc = launch(cluster, bad, "task", "--n", "1", "--output", str(bad / "missing" / "problems.jsonl"))
+    # both workers fail; which of them torchrun reports first (1, or the SIGTERM it sent the other) is a race
     assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" in proc.stdout
-    assert "invalid choice: 'bogus'" in proc.stdout  # the end of the job log is shown
+    assert "No such file or directory" in proc.stdout  # the end of the job log is shown
     state, exit_code = cluster.sacct_state(job_id(bad, "task"))
     assert state == "FAILED" and exit_code != "0:0"
 

@@ -8,6 +8,10 @@ Offers:
   must drain the iterator; every rank receives every tensor (use it to stream weights into vLLM).
 - `megatron_to_hf(model_chunks, hf_config) -> dict`: `dict(iter_hf_weights(...))`, the full HF state dict on
   EVERY rank (tensors in the model's dtype, on CPU).
+- `stream_hf_units(model_chunks, hf_config)`: the HF tensors of one megatron module at a time, delivered to global
+  rank 0 only (refit into the engine rank 0 hosts): a tensor is gathered over its TP group on the PP stage that
+  owns it and sent point-to-point to rank 0; data-parallel replicas other than the first take no part. Every rank
+  of the first replica must drain it (the others get an empty iterator); only rank 0 receives tensors.
 - `read_hf_weights(dir)` / `hf_weight_names(hf_config)`: safetensors (single or sharded) reader, expected names.
 
 Layout facts the mapping encodes (megatron-core 0.16, local and Transformer Engine specs):
@@ -241,6 +245,111 @@ def iter_hf_weights(model_chunks: list, hf_config: dict) -> Iterator[tuple[str, 
             buf = item[1].to(dev).contiguous() if stage == my_stage else torch.empty(shape, dtype=dtype, device=dev)
             torch.distributed.broadcast(buf, src=ranks[stage], group=group)
             yield name, buf.cpu()
+
+
+def _gather_tp_to_first(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """The TP shards of `t` on TP rank 0 (None elsewhere): a gather, not an all-gather, so only the rank that
+    forwards the tensor holds the full copy."""
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = _tp()
+    if tp == 1:
+        return [t]
+    group = ps.get_tensor_model_parallel_group()
+    out = [torch.empty_like(t) for _ in range(tp)] if tp_rank == 0 else None
+    torch.distributed.gather(t.contiguous(), out, dst=torch.distributed.get_global_rank(group, 0), group=group)
+    return out
+
+
+def _local_units(model, hf: dict):
+    """Per megatron module (weights and biases of one layer together), its HF tensors on TP rank 0 of this stage
+    (None on the other TP ranks, which only take part in the gathers).
+
+    A unit is never split across refit buckets: vLLM fuses q/k/v (weight and bias) and gate/up into one layer and
+    processes a layer once all its elements arrived, so a layer must arrive within one load call."""
+    _, tp_rank = _tp()
+    layers = _layer_numbers(model)
+    unit, prefix = [], None
+    for name, param in model.named_parameters():
+        mapped = _mapping(name, layers, hf)
+        if mapped is None:
+            continue
+        module = name.rsplit(".", 1)[0]
+        if prefix is not None and module != prefix:
+            yield unit if tp_rank == 0 else None
+            unit = []
+        prefix = module
+        kind = mapped[0]
+        shards = [param.detach()] if kind == "replicated" else _gather_tp_to_first(param.detach())
+        if tp_rank == 0:
+            # clone a replicated parameter: the engine must not hold (or see later updates of) the trainer's storage
+            tensors = [shards[0].clone()] if kind == "replicated" else _from_shards(kind, shards, hf)
+            unit += list(zip(mapped[1], tensors))
+            del tensors  # the unit holds them; no stale reference once it is handed out
+        del shards
+    if prefix is not None:
+        yield unit if tp_rank == 0 else None
+
+
+def stream_hf_units(model_chunks: list, hf_config: dict) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield, on global rank 0, the HF tensors of one megatron module at a time (on this rank's device), in model
+    order, PP stage by PP stage.
+
+    Only the first data-parallel (and context-parallel) replica takes part. On the stage that owns a module its TP
+    ranks gather each tensor to TP rank 0, which converts it to HF names and sends it to rank 0 (a name/shape/dtype
+    header, then the tensors); stages never exchange tensors with each other. Rank 0 holds at most the unit it is
+    handing out: a sender waits in `send` until rank 0 asks for the next unit. Every rank of the first replica must
+    drain the iterator (ranks other than 0 yield nothing)."""
+    from megatron.core import parallel_state as ps
+
+    from recipes.megatron import runtime
+
+    hf = providers.load_hf_config(hf_config)
+    models = providers.unwrap(model_chunks)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and (ps.get_data_parallel_rank() != 0 or ps.get_context_parallel_rank() != 0):
+        return  # a replica of the weights rank 0's replica already sends
+    local = (u for m in models for u in _local_units(m, hf))
+    pp = ps.get_pipeline_model_parallel_world_size() if distributed else 1
+    if pp == 1:
+        if not distributed or torch.distributed.get_rank() == 0:
+            yield from local
+        else:
+            for _ in local:  # TP ranks > 0: take part in the gathers
+                pass
+        return
+    stage, (_, tp_rank) = ps.get_pipeline_model_parallel_rank(), _tp()
+    me = torch.distributed.get_rank()
+    dev = runtime.device()
+    for owner in range(pp):
+        if me == 0 and owner == stage:
+            yield from local
+        elif me == 0:
+            # rank 0's PP group holds TP rank 0 of every stage of its replica, in stage order
+            src = torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[owner]
+            while True:
+                header = [None]
+                torch.distributed.recv_object_list(header, src=src)
+                if header[0] is None:
+                    break
+                unit = []
+                for name, shape, dtype in header[0]:
+                    buf = torch.empty(shape, dtype=dtype, device=dev)
+                    torch.distributed.recv(buf, src=src)
+                    unit.append((name, buf))
+                    del buf
+                yield unit
+                del unit
+        elif owner == stage:
+            for unit in local:
+                if tp_rank != 0:
+                    continue
+                torch.distributed.send_object_list([[(n, tuple(t.shape), t.dtype) for n, t in unit]], dst=0)
+                for _, t in unit:
+                    torch.distributed.send(t.to(dev).contiguous(), dst=0)
+                del unit
+            if tp_rank == 0:
+                torch.distributed.send_object_list([None], dst=0)
 
 
 def megatron_to_hf(model_chunks: list, hf_config: dict) -> dict[str, torch.Tensor]:

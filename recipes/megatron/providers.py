@@ -10,10 +10,13 @@ Offers:
   each chunk is wrapped in megatron's `DistributedDataParallel` (needed by the optimizer and for gradient
   all-reduce across DP and the tied embedding across PP); `unwrap(chunks)` gives the bare `GPTModel`s.
 - `padded_vocab_size(hf, tp)`, `rope_inv_freq(hf)` (HF's RoPE frequencies including llama3/linear scaling).
+- `memory_overrides(sequence_parallel, recompute, cp) -> dict`: the TransformerConfig fields of those layout knobs
+  (megatron's own sequence parallelism, full/selective activation recompute, context parallelism), for
+  `build_model(config_overrides=...)`; `layer_spec(config)`: the decoder spec `build_model` uses.
 
 The Transformer Engine layer spec is used when `import transformer_engine` works (GPU), the local megatron-core
 spec otherwise (`transformer_impl="local"`, CPU initialisation, no fused kernels; its core attention through
-torch's SDPA, `sdpa_attention.py`).
+torch's SDPA, `sdpa_attention.py`; its norms `norms.RMSNorm`, which support sequence parallelism).
 """
 
 from __future__ import annotations
@@ -161,18 +164,29 @@ def transformer_config_from_hf(hf: dict, tp: int = 1, pp: int = 1, dtype: torch.
 
 
 def layer_spec(config):
+    """The decoder spec of this rank's pipeline stage: Transformer Engine's layer spec, or megatron's local spec
+    with SDPA core attention and `norms.RMSNorm` for every norm (the layers', the qk-norm and the final one), which
+    unlike megatron's `WrappedTorchNorm` supports sequence parallelism."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     if config.transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    from recipes.megatron.norms import RMSNorm
     from recipes.megatron.sdpa_attention import SDPADotProductAttention
 
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
-    return spec
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    attention.core_attention = SDPADotProductAttention
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    if config.qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
+    # a layer spec alone gets the block's final norm from megatron's module-level default (WrappedTorchNorm on
+    # CPU); a block spec names it
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
 
 
 def memory_overrides(sequence_parallel: bool = False, recompute: str = "none", cp: int = 1) -> dict:
@@ -242,6 +256,12 @@ def build_model(hf: dict, tp: int = 1, pp: int = 1, seed: int = 0, *, ddp: bool 
 def _wrap_ddp(model, config, distributed_optimizer: bool = False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    # DDP fixes each bucket's gradient scaling when it is built: 1/DP unless the loss is per-token. train_step's
+    # loss is a token SUM that finalize_model_grads divides by the global token count, so it must be per-token
+    # here already, or every gradient at DP > 1 comes out divided by DP once more.
+    config.calculate_per_token_loss = True
+    # gradients are reduced in fp32; with the distributed optimizer the reduction is a reduce-scatter (each DP
+    # rank keeps the reduced gradients of its shard) and the updated params are all-gathered after the step
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=distributed_optimizer)
     wrapped = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)

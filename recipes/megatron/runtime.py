@@ -5,13 +5,18 @@ Offers:
   single process with world size 1 when they are absent; megatron `parallel_state` with TP x PP (the rest is DP);
   seeds (megatron's CUDA RNG tracker on GPU, a CPU-generator tracker on CPU).
 - `destroy_distributed()`, `device()`, `is_cpu()`, `rank()`, `world_size()`, `print_rank0(...)`,
+  `device_peak_tflops()` (the GPU's dense bf16 peak for MFU, None on CPU),
   `rng_state()` / `set_rng_state(state)` (all RNG streams of this rank, for checkpoints' `extra`).
 
 On a machine without CUDA, `init_distributed` switches on a small device layer so that megatron-core's TP and PP
 code (which allocates on `torch.cuda.current_device()`, calls `.cuda()`, `torch.cuda.synchronize()`, uses
 `device="cuda"` literals in the pipeline schedules, pins memory, ...) runs unchanged on CPU: a
 `TorchFunctionMode` maps every CUDA device argument to CPU, `.cuda()` and `.pin_memory()` return the tensor,
-and the few `torch.cuda` functions megatron calls become CPU equivalents. With CUDA present nothing is patched.
+and the few `torch.cuda` functions megatron calls become CPU equivalents (activation recompute saves and restores
+the CPU generator only). With CUDA present nothing is patched.
+The layer adds no collectives: what megatron's DDP and DistributedOptimizer call (`reduce_scatter_tensor`,
+`all_gather_into_tensor`, inside `_coalescing_manager`, sync and async) is native in torch 2.13's gloo backend, which
+gives DP=2 with the distributed optimizer the DP=1 losses (tests/test_megatron_distopt.py).
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from torch.overrides import TorchFunctionMode
 def quiet_cpu_warnings() -> None:
     """megatron-core announces its pure-PyTorch fallbacks (no Apex, no Transformer Engine) on every import: on CPU
     they are the expected path."""
-    for pattern in (r".*(Apex|Transformer Engine).*", r".*full scope is deprecated.*", r".*cuda_graph_scope.*"):
+    # megatron's DDP calls these collectives by their deprecated names (its concern, not the caller's)
+    deprecated = r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*"
+    for pattern in (r".*(Apex|Transformer Engine).*", r".*full scope is deprecated.*", r".*cuda_graph_scope.*",
+                    deprecated):
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -73,6 +81,20 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+def _engine_under_cpu_layer(run_backward):
+    """torch's autograd engine entry, run with the mode on: `backward`/`grad` reach the engine through the mode's
+    own handler, where the mode is off, yet the engine's Python callbacks need it (the backward of sequence
+    parallelism's linear layers allocates its reduce-scatter buffer on the CUDA device)."""
+
+    def run(*args, **kwargs):
+        if any(isinstance(m, _CudaToCpuMode) for m in torch.overrides._get_current_function_mode_stack()):
+            return run_backward(*args, **kwargs)
+        with _CudaToCpuMode():
+            return run_backward(*args, **kwargs)
+
+    return run
 
 
 class _CpuRNGStatesTracker:
@@ -138,6 +160,17 @@ def _enable_cpu_layer() -> None:
     torch.cuda.manual_seed_all = lambda seed: None
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # activation recompute (megatron's CheckpointFunction) saves the CUDA generator next to the CPU one, which it
+    # saves and restores itself; there is no CUDA generator here (and a CUDA state set before CUDA starts queues a
+    # callback forever)
+    from megatron.core.tensor_parallel import random as mp_random
+
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        saved[(mp_random, name)] = getattr(mp_random, name)
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mp_random._set_cuda_rng_state = lambda *a, **k: None
+    saved[(torch.autograd, "_engine_run_backward")] = torch.autograd._engine_run_backward
+    torch.autograd._engine_run_backward = _engine_under_cpu_layer(torch.autograd._engine_run_backward)
     _STATE["cpu_layer"] = (mode, saved)
 
 
@@ -146,8 +179,9 @@ def _disable_cpu_layer() -> None:
         return
     mode, saved = _STATE["cpu_layer"]
     mode.__exit__(None, None, None)
-    for name, fn in saved.items():
-        setattr(torch.cuda, name, fn)
+    for key, fn in saved.items():
+        owner, attr = key if isinstance(key, tuple) else (torch.cuda, key)
+        setattr(owner, attr, fn)
     _STATE["cpu_layer"] = None
 
 
@@ -204,6 +238,19 @@ def barrier() -> None:
 def print_rank0(*args, **kwargs) -> None:
     if rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name substring, most specific first
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("B200", 2250.0),
+                    ("A100", 312.0), ("L40S", 362.1))
+
+
+def device_peak_tflops() -> float | None:
+    """This GPU's dense bf16 peak, for model-FLOP utilisation; None on CPU or for a GPU not in the table."""
+    if is_cpu():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
 def _free_port() -> int:

@@ -6,6 +6,11 @@ the same softmax(QK^T * scale + mask) V with a fused kernel (flash attention on 
 cover (attention dropout while training, sliding windows, softmax offsets, query-key layer scaling, a query
 shorter than the keys) run megatron's own forward. With Transformer Engine (GPU) its attention is used instead.
 
+Offers `SDPADotProductAttention` (the local spec's `core_attention`) and `sdpa(q, k, v, ...)`. Under selective
+recompute megatron checkpoints this module: its forward runs once without autograd and again in backward (the same
+arithmetic, so the gradients equal those of no recompute). With sequence parallelism it still sees the whole
+sequence (megatron gathers it before `linear_qkv`), so masks of packed sequences apply unchanged.
+
 Float32 matmul precision: `torch.set_float32_matmul_precision("medium")` makes CPUs with AMX run float32 matmuls in
 bf16 with float32 accumulation (what TF32 is on a GPU): the linear layers get ~2x faster. The CPU flash-attention
 kernel under that setting runs its small block products through the same path and gets ~3x slower, so on CPU

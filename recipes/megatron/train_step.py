@@ -4,10 +4,15 @@ Offers:
 - `forward_backward(model_chunks, micro_batches, seq_length, forward_only=False, loss_fn=None) -> dict`
 - `build_optimizer(model_chunks, lr, ...)` (megatron's `get_megatron_optimizer`, AdamW) and
   `optimizer_step(model_chunks, optimizer, micro_batches, seq_length, scheduler=None, loss_fn=None) -> dict`
-  (zero grads, forward_backward, clip + step).
+  (zero grads, forward_backward, clip + step); with `distributed=True` megatron's DistributedOptimizer (each DP
+  rank keeps Adam state for its shard of the grad buffer; the model must be built with `distributed_optimizer=True`).
+- `held_bytes(model_chunks, optimizer) -> {"params", "grads", "optimizer"}`: the bytes of training state this rank
+  actually holds (distinct storages; see its docstring for what each figure counts).
 - `logprobs_of(model_chunks, tokens, ...) -> [B, S-1]` token log-probs of `tokens[:, 1:]` (GRPO).
 - TP helpers for custom losses: `gather_logits`, `vocab_parallel_log_probs`, `vocab_parallel_log_softmax`,
   `tp_sum`; packing helpers `packed_attention_mask(segment_ids)`, `cu_seqlens_from_segments`.
+- `check_sequence_split(model_chunks, lengths, seq_length)`: with sequence parallelism every S must be a multiple
+  of TP (a ValueError naming seq_length and tp otherwise); `forward_backward` and `logprobs_of` call it.
 
 Batch format (one dict per micro-batch, with pipeline parallelism all micro-batches of one step share
 [B, S]; without it each may have its own):
@@ -204,6 +209,22 @@ def _configure(model_chunks) -> object:
     return config
 
 
+def check_sequence_split(model_chunks: list, lengths, seq_length: int) -> None:
+    """With sequence parallelism megatron scatters the embedding output along S over the TP ranks (and gathers it
+    back before attention and the output layer), so every micro-batch's S must be a multiple of TP."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    tp = config.tensor_model_parallel_size
+    if not config.sequence_parallel or tp == 1:
+        return
+    bad = sorted({int(s) for s in lengths if int(s) % tp})
+    if bad:
+        raise ValueError(f"sequence_parallel with tp={tp} splits each sequence into {tp} equal slices, but micro-batch "
+                         f"sequence length(s) {bad} are not divisible by tp={tp} (seq_length={seq_length}): make "
+                         f"data.seq_length a multiple of parallel.tp, or set parallel.sequence_parallel=false")
+
+
 def _reduce_report(forward_data_store: list) -> tuple[float, float]:
     """Sum (loss_sum, n_tokens) over micro-batches and DP ranks; broadcast from the last PP stage to all ranks."""
     from megatron.core import parallel_state as ps
@@ -242,6 +263,7 @@ def forward_backward(model_chunks: list, micro_batches: list[dict], seq_length: 
                                  "(with pipeline parallelism all micro-batches of a step share [B, S])")
         if shape[1] != seq_length:
             raise ValueError(f"micro-batch tokens have S={shape[1]} but seq_length={seq_length}")
+    check_sequence_split(model_chunks, [mb["tokens"].shape[1] for mb in micro_batches], seq_length)
     _configure(model_chunks)
     store = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn),
@@ -293,6 +315,46 @@ def optimizer_step(model_chunks: list, optimizer, micro_batches: list[dict], seq
     return report
 
 
+def _storage_bytes(tensors) -> dict[int, int]:
+    """{storage address: bytes} of the storages behind `tensors` (views of one buffer share one storage)."""
+    out = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            out[st.data_ptr()] = st.nbytes()
+    return out
+
+
+def held_bytes(model_chunks: list, optimizer=None) -> dict:
+    """Bytes of training state this rank holds: {"params", "grads", "optimizer"}.
+
+    Counted per distinct storage, so a tensor that is a view into a larger buffer counts that whole buffer, once:
+    - params: the storages of this rank's model parameters (one per parameter; with the distributed optimizer
+      megatron's contiguous param buffer of the DDP chunk, its padding included);
+    - grads: the storages of the parameters' `main_grad`, i.e. megatron's DDP grad buffers (fp32 here, the
+      padding that makes them divisible by DP included);
+    - optimizer: the storages of the torch optimizer's per-parameter state (Adam's exp_avg and exp_avg_sq) and of
+      the tensors it updates when they are copies of the model's (fp32 main params of a bf16/fp16 model), minus
+      any storage already counted as params or grads (an fp32 model's params are updated in place, so they are
+      not counted twice). With the distributed optimizer these exist for this rank's shard of the grad buffer
+      only. The scalar `step` counters are left out. `optimizer=None` gives 0; torch's Adam creates its moments at
+      the first step, so measure after one.
+    """
+    params = [p for chunk in model_chunks for p in chunk.parameters()]
+    held_params = _storage_bytes(params)
+    held_grads = _storage_bytes(getattr(p, "main_grad", None) for p in params)
+    state = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer is not None else []):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            state += group["params"]
+        for per_param in inner.state.values():
+            state += [v for k, v in per_param.items() if k != "step"]
+    held_opt = {k: v for k, v in _storage_bytes(state).items() if k not in held_params and k not in held_grads}
+    return {"params": sum(held_params.values()), "grads": sum(held_grads.values()),
+            "optimizer": sum(held_opt.values())}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Log-probs (GRPO)
 # --------------------------------------------------------------------------------------------------------------
@@ -315,6 +377,7 @@ def logprobs_of(model_chunks: list, tokens: torch.Tensor, attention_mask: torch.
     mbs = micro_batch_size or b
     if b % mbs:
         raise ValueError(f"logprobs_of: batch {b} is not divisible by micro_batch_size {mbs}")
+    check_sequence_split(model_chunks, [s], s)
     labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
     position_ids = torch.arange(s, device=tokens.device).expand(b, s)
     micro = []

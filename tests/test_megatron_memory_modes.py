@@ -1,0 +1,94 @@
+"""megatron-core's activation recompute and sequence parallelism on the local spec (CPU).
+
+Two runs of tests/megatron_scripts/memory_modes.py (megatron's global state and the CPU device layer stay out of the
+pytest process): TP=1 (recompute modes against no recompute, and the reference losses) and TP=2 with sequence
+parallelism (alone and with either recompute), all from the same HF weights:
+- full and selective recompute give the gradients of no recompute (fp32: exactly), and really recompute (the layers
+  or the core attention run twice per forward+backward);
+- TP=2 + sequence parallelism gives TP=1's losses over 3 AdamW steps (plain, packed with a mask, packed with
+  cu_seqlens), for Qwen2 and for Qwen3 (qk-norm), and the norm weights' gradients are TP=1's on both TP ranks;
+- a sequence length not divisible by TP under sequence parallelism is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests/megatron_scripts/memory_modes.py"
+TOL = 1e-5
+
+
+def run_worker(args: list[str], nproc: int, timeout: int = 300) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run(launcher + [str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict[str, dict]:
+    work = tmp_path_factory.mktemp("memory_modes")
+    hf = str(work / "hf_init")
+    run_worker(["--hf", hf, "--out", str(work / "tp1.json")], 1)
+    run_worker(["--tp", "2", "--hf", hf, "--out", str(work / "tp2_sp.json")], 2)
+    return {name: json.loads((work / f"{name}.json").read_text()) for name in ("tp1", "tp2_sp")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_gives_the_gradients_of_no_recompute(reports, mode):
+    got, ref = reports["tp1"]["recompute"][mode], reports["tp1"]["recompute"]["none"]
+    assert got["max_abs_grad_diff"] == 0.0  # fp32 on CPU: the recomputed forward is the same arithmetic
+    assert got["loss"] == ref["loss"] and got["grad_norm"] == ref["grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_recompute_really_recomputes(reports):
+    calls = reports["tp1"]["recompute"]
+    layers, micro_batches = 4, 2
+    once = layers * micro_batches
+    assert (calls["none"]["layer_calls"], calls["none"]["attention_calls"]) == (once, once)
+    assert (calls["selective"]["layer_calls"], calls["selective"]["attention_calls"]) == (once, 2 * once)
+    assert (calls["full"]["layer_calls"], calls["full"]["attention_calls"]) == (2 * once, 2 * once)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run,model", [("qwen2", "qwen2"), ("qwen2_full", "qwen2"),
+                                       ("qwen2_selective", "qwen2"), ("qwen3", "qwen3")])
+def test_sequence_parallel_tp2_matches_tp1(reports, run, model):
+    ref, got = reports["tp1"]["train"][model], reports["tp2_sp"]["train"][run]
+    assert got["norm_input_rows"] == ref["norm_input_rows"] // 2 == 16  # the norms see S/TP tokens per rank
+    assert len(got["losses"]) == 3 and len(set(ref["losses"])) == 3  # the steps ran with a real optimizer
+    for a, b in zip(ref["losses"], got["losses"]):
+        assert b == pytest.approx(a, abs=TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run,model", [("qwen2", "qwen2"), ("qwen3", "qwen3")])
+def test_sequence_parallel_norm_grads_are_summed_over_tp(reports, run, model):
+    ref, got = reports["tp1"]["train"][model], reports["tp2_sp"]["train"][run]
+    assert got["sequence_parallel_attr"] == ["True"] and ref["sequence_parallel_attr"] == ["False"]
+    assert got["norm_grad_rank_diff"] == 0.0  # finalize_model_grads all-reduced them: identical on both ranks
+    assert sorted(got["norm_grads"]) == sorted(ref["norm_grads"])
+    if model == "qwen3":
+        assert any("q_layernorm" in name for name in ref["norm_grads"])
+    for name, grad in ref["norm_grads"].items():  # and equal to TP=1's, not one rank's half of the sequence
+        scale = max(abs(a) for a in grad)
+        assert scale > 0
+        assert max(abs(a - b) for a, b in zip(grad, got["norm_grads"][name])) < 1e-4 * scale
+
+
+@pytest.mark.slow
+def test_sequence_length_not_divisible_by_tp_is_a_clear_error(reports):
+    message = reports["tp2_sp"]["odd_length_error"]
+    assert message is not None
+    assert "sequence_parallel" in message and "tp=2" in message and "seq_length=31" in message
