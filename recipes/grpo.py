@@ -424,7 +424,7 @@ def train(cfg: GRPOConfig) -> dict:
 
     from recipes.megatron.hf_checkpoint import load_pretrained
     from recipes.megatron import checkpointing, providers, runtime, train_step
-    from recipes.metrics import MetricsLogger, progress
+    from recipes.metrics import MetricsLogger, model_flops_per_token, progress, throughput
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import start_engine
     from recipes.trainer import build_model_and_optimizer, model_tokenizer
@@ -531,6 +531,12 @@ def train(cfg: GRPOConfig) -> dict:
                 log_rollouts(run_dir / "rollouts.jsonl", done, groups[:1], tokenizer)
             metrics.update(gen_seconds=t_gen, train_seconds=t_train, refit_seconds=t_refit,
                            step_seconds=t_gen + t_train + t_refit)
+            # the training phase's throughput (rows at their padded length, every epoch; the log-prob passes
+            # included in its time) and the rollouts' generated tokens per second
+            rows_len = batch["tokens"].shape[1]
+            metrics.update(throughput(batch["tokens"].numel() * g.epochs, t_train, runtime.world_size(),
+                                      model_flops_per_token(hf, rows_len), runtime.device_peak_tflops()))
+            metrics["gen_tokens_per_s"] = sum(len(r) for gr in groups for r in gr.responses) / max(t_gen, 1e-9)
             logger.log(done, metrics)
             bar.update(bar_task, completed=done, info=f"reward {metrics['reward/mean']:.3f} "
                                                      f"acc {metrics['accuracy']:.2f}")

@@ -139,6 +139,14 @@ def test_loop_runs_and_resume_replays_exactly(tmp_path):
                 "refit_seconds"):
         assert key in full[0], key
     assert full[0]["grad_norm"] > 0 and full[1]["kl"] > 0  # real updates moved the policy from the reference
+    from recipes.megatron.providers import load_hf_config
+    from recipes.metrics import model_flops_per_token
+
+    hf = load_hf_config(ROOT / "recipes/assets/models/tiny-qwen2/config.json")
+    for r in full:  # the training phase's throughput: every padded row of every epoch over its time
+        assert r["tokens_per_s_per_gpu"] > 0 and r["gen_tokens_per_s"] > 0
+        flops = r["model_tflops_per_gpu"] * 1e12 / r["tokens_per_s_per_gpu"]
+        assert model_flops_per_token(hf, 8) < flops < model_flops_per_token(hf, 512)  # rows of 8..512 tokens
     assert (tmp_path / "full" / "report" / "reward_curve.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert set(summary["eval_after"]) == {"L3", "L4", "mean"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from launchers import k8s
 from launchers.pipeline import PipelineConfig, plan
 from launchers.profiles import load_profile
 from recipes.config import load_config
+from recipes.named_recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTINEL = "hf_nrr_SENTINEL_k8s_0000"
@@ -105,17 +107,9 @@ def test_k8s_dryrun_cli(tmp_path, capsys, monkeypatch):
     docs = list(yaml.safe_load_all(out[out.index("apiVersion"):]))
     assert docs[0]["kind"] == "TrainJob" and docs[0]["spec"]["trainer"]["numNodes"] == 2
     assert k8s.validate(docs[0]) == []
-    if has_planner():  # the manifest's header comment: the layout's per-GPU memory plan
-        header = out[:out.index("apiVersion")]
-        assert "# per-GPU memory plan" in header and "TP2 PP2 CP1 DP4 mbs4" in header
-
-
-def has_planner() -> bool:
-    try:
-        from recipes.planner import plan_table  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # the manifest's header comment: the layout's per-GPU memory plan
+    header = out[:out.index("apiVersion")]
+    assert "# per-GPU memory plan" in header and "TP2 PP2 CP1 DP4 mbs4" in header
 
 
 @pytest.mark.parametrize("config, overrides", [
@@ -135,10 +129,9 @@ def test_pipeline_dryrun_cli(config, overrides, tmp_path, capsys, monkeypatch):
     docs = [d for d in yaml.safe_load_all(captured.out) if d]
     assert docs and all(k8s.validate(d) == [] for d in docs)
     assert {d["kind"] for d in docs} == {"RayJob", "TrainJob"}
-    if has_planner():
-        for name in ("sft", "grpo"):
-            section = captured.out[captured.out.index(f"# ---- {name} (manifest)"):]
-            assert section.splitlines()[1] == "# per-GPU memory plan (recipes.planner):", name
+    for name in ("sft", "grpo"):
+        section = captured.out[captured.out.index(f"# ---- {name} (manifest)"):]
+        assert section.splitlines()[1] == "# per-GPU memory plan (recipes.planner):", name
 
 
 def test_pipeline_dryrun_refuses_a_bad_step(tmp_path, capsys):
@@ -156,3 +149,32 @@ def test_pipeline_dryrun_refuses_a_bad_step(tmp_path, capsys):
     assert f"stage 'grpo' ({bad}:{line}, steps[2]):" in err
     assert "unknown key 'init_checkpoint'" in err and "[from override 'init_checkpoint=/runs/reasoning/sft/x']" in err
     assert not home.exists()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_named_recipe_dry_runs_on_slurm_and_kubernetes(name, tmp_path, capsys, monkeypatch):
+    """Each named H100 recipe renders a validated sbatch script and TrainJob on the nodes it is named for, with
+    the planner's table for its layout in the header; one node fewer is refused before anything is rendered."""
+    from recipes.cli import main
+    from recipes.named_recipes import yaml_path
+    from recipes.planner import plan_table
+
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path))
+    # NeMo-Run packages the Slurm job through invoke, which forwards stdin: give it an empty one, not pytest's
+    monkeypatch.setattr("sys.stdin", open(os.devnull))
+    cfg = RECIPES[name]()
+    stage, nodes = name.rsplit("-", 1)[1], cfg.parallel.nodes
+    row = plan_table(cfg).splitlines()[2]  # the layout's row of the plan
+    common = ["launch", stage, "--config", str(yaml_path(name)), "--dryrun", f"executor.nemorun_home={tmp_path}"]
+    assert main([*common, "--executor", "k8s", f"executor.num_nodes={nodes}"]) == 0
+    out = capsys.readouterr().out
+    docs = list(yaml.safe_load_all(out[out.index("apiVersion"):]))
+    assert docs[0]["kind"] == "TrainJob" and docs[0]["spec"]["trainer"]["numNodes"] == nodes
+    assert k8s.validate(docs[0]) == [] and row in out[:out.index("apiVersion")]
+    slurm = [*common, "--executor", "slurm", "executor.account=llm", "executor.gpus_per_node=8"]
+    assert main([*slurm, f"executor.nodes={nodes}"]) == 0
+    out = capsys.readouterr().out
+    script = out[out.index("#!/bin/bash"):]
+    assert f"#SBATCH --nodes={nodes}" in script and row in script[:script.index("#SBATCH")]
+    assert main([*slurm, f"executor.nodes={nodes - 1}"]) == 2
+    assert "parallel.nodes" in capsys.readouterr().err

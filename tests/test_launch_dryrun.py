@@ -38,14 +38,6 @@ def nrr(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 TINY_32_RANKS = ["parallel.nodes=4", "parallel.tp=2", "parallel.pp=2", "parallel.dp=8", "training.micro_batch_size=2"]
 
 
-def has_planner() -> bool:
-    try:
-        from recipes.planner import plan_table  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
     proc = nrr("launch", "sft", "--executor", "slurm", "--dryrun", "executor.account=llm", "executor.nodes=4",
                "executor.gpus_per_node=8", f"executor.nemorun_home={nemorun_home}", *TINY_32_RANKS,
@@ -70,9 +62,9 @@ def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
                          "training.max_steps=50 output_dir=/lustre/nrr/runs/launch/sft")  # outputs in the stage's folder
     assert 'head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)' in script
     assert "export NCCL_DEBUG=WARN" in script
-    if has_planner():  # the memory plan heads the script, before the #SBATCH lines sbatch must still read
-        header = script[:script.index("#SBATCH")]
-        assert "# per-GPU memory plan" in header and "TP2 PP2 CP1 DP8 mbs2" in header
+    # the memory plan heads the script, before the #SBATCH lines sbatch must still read
+    header = script[:script.index("#SBATCH")]
+    assert "# per-GPU memory plan" in header and "TP2 PP2 CP1 DP8 mbs2" in header
     assert SENTINEL not in out + proc.stderr
     # the dry run leaves no experiment behind
     assert not list(Path(nemorun_home).glob("experiments/*/*/"))
@@ -181,8 +173,7 @@ def test_pipelines_dryrun_on_slurm(tmp_path):
         for name in ("sft", "grpo"):
             script = parts[name]
             assert script.startswith("#!/bin/bash") and "#SBATCH --nodes=1" in script
-            if has_planner():
-                assert "# per-GPU memory plan" in script[:script.index("#SBATCH")], name
+            assert "# per-GPU memory plan" in script[:script.index("#SBATCH")], name
     assert "#SBATCH --gpus-per-node=8" in sections(cluster.stdout)["sft"]
     assert "--nnodes 1 --nproc-per-node 8" in sections(cluster.stdout)["sft"]
     assert "eval run --config /opt/nrr/nemo_configs/eval/embedded.yaml model=/lustre/nrr/reasoning/export/hf" \
