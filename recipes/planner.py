@@ -16,7 +16,8 @@ Offers:
   a tied embedding gets its own bucket); optimizer: Adam's exp_avg and exp_avg_sq in fp32, plus fp32 main
   weights for bf16 parameters; with the distributed optimizer only this DP rank's shard of each bucket.
 - `activation_bytes_per_layer(...)`, `plan(...) -> Plan` (every part of the most loaded rank, in bytes),
-  `search(...) -> [Plan]`, `plan_table(cfg) -> str` (SFT / KD / GRPO configs), `check_fits(cfg)`.
+  `search(...) -> [Plan]`, `plan_table(cfg) -> str` and `search_config(cfg)` (SFT / KD / GRPO configs),
+  `plans_table(plans)`, `check_fits(cfg)`. `nrr plan` prints them.
 
 Activations follow Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models"
 (MLSys 2023, arXiv:2205.05198, section 4 and table 2), written for this model family (GQA attention, SwiGLU MLP,
@@ -353,56 +354,68 @@ def search(hf: dict, seq_length: int, nodes: int, gpus_per_node: int = 8, global
 # ------------------------------------------------------------------------------ a stage config's plan
 
 
-def _config_plan(cfg) -> Plan:
-    """The plan of a training stage config (SFTConfig, KDConfig or GRPOConfig) at its own layout."""
+def _config_inputs(cfg) -> tuple[dict, int, int, str, dict, str]:
+    """What the planner needs from a training stage config (SFTConfig, KDConfig or GRPOConfig): the model's HF
+    config, the row length, the global batch in rows, the precision, plan() keyword arguments and a note."""
+    from recipes.config import resolve_path
     from recipes.megatron.providers import load_hf_config
     from recipes.trainer import architecture
 
     hf = load_hf_config(architecture(cfg.model))
-    p = cfg.parallel
     precision = cfg.training.precision if cfg.training.precision != "auto" else "bf16"
     if hasattr(cfg, "grpo"):  # GRPO: a row is a prompt and its response
         g, r = cfg.grpo, cfg.rollout
         seq = min(GRPO_PROMPT_TOKENS + r.max_tokens, int(hf.get("max_position_embeddings", 4096)))
-        rows = g.prompts_per_step * g.group_size
-        grad_acc = max(1, rows // g.minibatches // (g.micro_batch_size * p.dp))
-        layout = Layout(p.tp, p.pp, p.cp, p.dp, p.distributed_optimizer, p.sequence_parallel, p.recompute,
-                        g.micro_batch_size)
         engine = None
         if r.backend == "vllm":
             engine = {"tp": r.tensor_parallel_size, "gpu_memory_utilization": r.gpu_memory_utilization,
                       "sleep": r.colocated_sleep}
-        pl = plan(hf, layout, seq, grad_acc, precision, engine=engine, reference_model=cfg.loss.kl_coef > 0)
-        pl.note = "; ".join(x for x in (pl.note, f"rows of {GRPO_PROMPT_TOKENS} prompt + {r.max_tokens} response "
-                                                  "tokens") if x)
-        return pl
+        return (hf, seq, g.prompts_per_step * g.group_size // g.minibatches, precision,
+                {"engine": engine, "reference_model": cfg.loss.kl_coef > 0},
+                f"rows of {GRPO_PROMPT_TOKENS} prompt + {r.max_tokens} response tokens")
     from recipes.trainer import resolve_batch
 
-    _, grad_acc = resolve_batch(cfg)
-    layout = Layout(p.tp, p.pp, p.cp, p.dp, p.distributed_optimizer, p.sequence_parallel, p.recompute,
-                    cfg.training.micro_batch_size)
-    teacher = None
-    if hasattr(cfg, "teacher"):
-        from recipes.config import resolve_path
-
-        teacher = load_hf_config(resolve_path(cfg.teacher.hf_config))
-    return plan(hf, layout, cfg.data.seq_length, grad_acc, precision, teacher_hf=teacher)
+    global_batch, _ = resolve_batch(cfg)
+    teacher = load_hf_config(resolve_path(cfg.teacher.hf_config)) if hasattr(cfg, "teacher") else None
+    return hf, cfg.data.seq_length, global_batch, precision, {"teacher_hf": teacher}, ""
 
 
-def plan_table(cfg) -> str:
+def _config_plan(cfg) -> Plan:
+    """The plan of a training stage config (SFTConfig, KDConfig or GRPOConfig) at its own layout."""
+    hf, seq, global_batch, precision, kwargs, note = _config_inputs(cfg)
+    p = cfg.parallel
+    mbs = cfg.grpo.micro_batch_size if hasattr(cfg, "grpo") else cfg.training.micro_batch_size
+    layout = Layout(p.tp, p.pp, p.cp, p.dp, p.distributed_optimizer, p.sequence_parallel, p.recompute, mbs)
+    pl = plan(hf, layout, seq, max(1, global_batch // (mbs * p.dp)), precision, **kwargs)
+    pl.note = "; ".join(x for x in (pl.note, note) if x)
+    return pl
+
+
+def search_config(cfg, gpus_per_node: int = 8, context_parallel: bool = True,
+                  limit_gib: float = H100_GIB) -> list[Plan]:
+    """`search` for a stage config's model, row length, global batch and `parallel.nodes`."""
+    hf, seq, global_batch, precision, kwargs, _ = _config_inputs(cfg)
+    return search(hf, seq, cfg.parallel.nodes, gpus_per_node, global_batch, limit_gib, precision,
+                  context_parallel, **kwargs)
+
+
+def plans_table(plans: list[Plan], limit_gib: float = H100_GIB) -> str:
+    """A text table of plans (GiB by part per GPU), one row each, the parts of the first plan as columns."""
+    names = list(plans[0].parts)
+    head = "| layout | seq | " + " | ".join(names) + f" | total GiB | fits {limit_gib * USABLE_FRACTION:.0f} of " \
+        f"{limit_gib:.0f} GiB |"
+    lines = [head, "|" + "---|" * (len(names) + 4)]
+    for pl in plans:
+        parts = pl.gib()
+        lines.append(f"| {pl.layout.describe()} | {pl.seq_length} | " + " | ".join(f"{parts.get(n, 0.0):.1f}"
+                     for n in names) + f" | {pl.total_gib:.1f} | {'yes' if pl.fits(limit_gib) else 'NO'} |")
+    return "\n".join(lines)
+
+
+def plan_table(cfg, limit_gib: float = H100_GIB) -> str:
     """A text table of the config's per-GPU memory plan (GiB by part), for headers of launch scripts and logs."""
     pl = _config_plan(cfg)
-    parts = pl.gib()
-    names = list(parts)
-    head = "| layout | seq | " + " | ".join(names) + f" | total GiB | fits {H100_GIB * USABLE_FRACTION:.0f} of " \
-        f"{H100_GIB:.0f} GiB |"
-    sep = "|" + "---|" * (len(names) + 4)
-    row = f"| {pl.layout.describe()} | {pl.seq_length} | " + " | ".join(f"{parts[n]:.1f}" for n in names) + \
-        f" | {pl.total_gib:.1f} | {'yes' if pl.fits() else 'NO'} |"
-    lines = [head, sep, row]
-    if pl.note:
-        lines.append(pl.note)
-    return "\n".join(lines)
+    return plans_table([pl], limit_gib) + (f"\n{pl.note}" if pl.note else "")
 
 
 def check_fits(cfg, limit_gib: float = H100_GIB) -> Plan:

@@ -43,6 +43,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           "the embedded task; grade files; compare runs.", "nemo_configs/eval/embedded.yaml", "python", "output_dir"),
     Stage("bench", "recipes.bench", "Benchmarks: sft (packing efficiency), curate (filter speed, grader fast path), "
           "eval, grpo (rollout speed), reported as ratios measured in one run."),
+    Stage("plan", "recipes.plan_cli", "Per-GPU memory plan of a training layout (named recipes, a config, or any HF "
+          "model) and the layouts that fit."),
     Stage("launch", "launchers.launch_cli", "Run a stage or the whole pipeline through NeMo-Run (local, Slurm, "
           "Kubernetes)."),
     Stage("pipeline", "launchers.pipeline_cli", "Run the whole pipeline (curate, SFT, GRPO, eval, export) as one "

@@ -157,3 +157,31 @@ def test_model_flops_per_token_by_hand():
     assert t["tokens_per_s_per_gpu"] == 2048.0
     assert t["model_tflops_per_gpu"] == pytest.approx(2048 * flops / 1e12)
     assert t["mfu"] == pytest.approx(t["model_tflops_per_gpu"] / 989.4)
+
+
+def test_nrr_plan_searches_a_model_and_checks_a_config(tmp_path, capsys):
+    """`nrr plan`: the search for an HF model prints the planner's best layouts in its order; a config's own
+    layout that does not fit exits 2 naming the GiB, after printing the layouts that would."""
+    from recipes.cli import main
+
+    model = ROOT / "recipes/assets/models/qwen2.5-7b"
+    assert main(["plan", "--model", str(model), "--seq-length", "16384", "--nodes", "2", "--top", "3"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| TP")]
+    best = planner.search(hf("qwen2.5-7b"), seq_length=16384, nodes=2, global_batch=128)[:3]
+    assert [r.split(" | ")[0][2:] for r in rows] == [p.layout.describe() for p in best]
+    assert main(["plan", "--model", str(model), "--seq-length", "32768", "--gpus-per-node", "1"]) == 2
+    assert "nothing fits" in capsys.readouterr().err
+
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("model:\n  hf_config: recipes/assets/models/qwen2.5-7b/config.json\ndata:\n  seq_length: 16384\n"
+                   "training:\n  micro_batch_size: 1\n  global_batch_size: 8\n  precision: bf16\n"
+                   "parallel:\n  dp: 8\n")
+    assert main(["plan", "--stage", "sft", "--config", str(cfg), "--top", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert "| TP1 PP1 CP1 DP8 mbs1 recompute=none | 16384 |" in out and "| NO |" in out
+    assert len([r for r in out.splitlines() if r.startswith("| TP") and r.endswith("| yes |")]) == 2
+    assert "needs" in err and "GiB per GPU at seq 16384" in err
+    assert main(["plan", "--stage", "sft", "--config", str(cfg), "parallel.nodes=2"]) == 2
+    assert "8 ranks for 16 GPUs" in capsys.readouterr().err
+    assert main(["plan", "no-such-recipe"]) == 2
+    assert "no named recipe no-such-recipe" in capsys.readouterr().err
