@@ -32,8 +32,11 @@ Per token of one micro batch and one layer, in the compute dtype:
 - full recompute (every layer from its input): only the layer input (h, or h / t with sequence parallelism), and
   one layer's worth of the above while that layer is recomputed in backward.
 The 1F1B schedule keeps min(PP, micro batches) micro batches in flight on the first stage; context parallelism
-divides the tokens per rank by CP. The last stage also holds the logits of a micro batch: the model-dtype logits,
-their fp32 copy and the fp32 softmax gradient (V / TP columns).
+divides the tokens per rank by CP. The last stage also holds the logits of a micro batch (V / TP columns): the fp32
+copy the loss keeps for backward (its softmax gradient is computed in place there) and, in backward, the gradient
+in the model dtype flowing into the output layer; the model-dtype logits themselves are not kept.
+Checked against CUDA's allocator on an H200 (docs/planner-on-gpu.md): the parameter, gradient and optimizer bytes
+exactly; activations and logits within the figures recorded there.
 """
 
 from __future__ import annotations
@@ -256,7 +259,7 @@ def plan(hf: dict, layout: Layout, seq_length: int, grad_accumulation: int = 1, 
         parts = {**state, "activations": act, "logits": 0.0}
         if pp_rank == layout.pp - 1:
             vocab_cols = math.ceil(s["vocab"] / layout.tp)
-            parts["logits"] = seq_length / layout.cp * layout.micro_batch_size * vocab_cols * (dtype_bytes + 8)
+            parts["logits"] = seq_length / layout.cp * layout.micro_batch_size * vocab_cols * (dtype_bytes + 4)
         if teacher_hf is not None:
             parts["teacher"] = sum(n for _, n in rank_parameters(teacher_hf, layout.tp, layout.pp, pp_rank)) \
                 * dtype_bytes

@@ -96,9 +96,9 @@ def test_qwen25_7b_by_hand():
     eager = planner.activation_bytes_per_layer(hf("qwen2.5-7b"), 8192, 1, layout, flash_attention=False)
     assert eager - act == 2 * 8192 * 2 * 28 * 8192 / 4
     pl = planner.plan(hf("qwen2.5-7b"), layout, 8192, grad_accumulation=8)
-    logits = 8192 * 152_064 / 4 * 10  # bf16 logits + fp32 copy + fp32 softmax gradient
+    logits = 8192 * 152_064 / 4 * 6  # the loss's fp32 copy (softmax gradient in place) + the bf16 gradient
     assert pl.parts["activations"] == 28 * act and pl.parts["logits"] == logits
-    assert pl.total_gib == pytest.approx(47.89, abs=0.05)
+    assert pl.total_gib == pytest.approx(46.73, abs=0.05)
 
 
 def test_pipeline_stages_and_in_flight_micro_batches():
@@ -110,7 +110,7 @@ def test_pipeline_stages_and_in_flight_micro_batches():
     first = planner.state_bytes(h, layout, pp_rank=0)
     last = planner.state_bytes(h, layout, pp_rank=3)
     candidates = [sum(first.values()) + 8 * 4 * per_layer,
-                  sum(last.values()) + 8 * 1 * per_layer + 4096 * 128_256 / 2 * 10]
+                  sum(last.values()) + 8 * 1 * per_layer + 4096 * 128_256 / 2 * 6]
     assert pl.total == pytest.approx(max(candidates))
     with pytest.raises(ValueError, match="num_hidden_layers=32"):
         planner.rank_parameters(h, 1, 3)

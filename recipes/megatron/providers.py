@@ -150,7 +150,9 @@ def transformer_config_from_hf(hf: dict, tp: int = 1, pp: int = 1, dtype: torch.
         pipeline_dtype=dtype,
         use_cpu_initialization=not gpu,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
+        # megatron's SwiGLU function keeps only the fc1 output for backward (recomputing the activation): eager
+        # SiLU-times-gate also keeps a copy of the gate and the SiLU output, 2 x ffn_hidden_size more per token
+        bias_activation_fusion=True,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

@@ -59,8 +59,11 @@ class _FullPrecisionSDPA(torch.autograd.Function):
         return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None)
 
 
-def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
+def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     """`F.scaled_dot_product_attention`, kept at full float32 precision on CPU when matmuls run below it."""
+    if enable_gqa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=True)
     if q.device.type != "cpu" or q.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -86,12 +89,15 @@ class SDPADotProductAttention(DotProductAttention):
         group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if group > 1:
+        # on a GPU without a mask, the flash kernel reads the shared K/V heads itself (enable_gqa); elsewhere the
+        # K/V heads are repeated, which keeps (heads - groups) more K and V heads for backward
+        gqa = group > 1 and q.device.type == "cuda" and attention_mask is None
+        if group > 1 and not gqa:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if attention_mask is not None:  # megatron's mask is True where attention is NOT allowed; SDPA's the opposite
             out = sdpa(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
         else:
             causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and sq > 1
-            out = sdpa(q, k, v, is_causal=causal, scale=self.softmax_scale)
+            out = sdpa(q, k, v, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
