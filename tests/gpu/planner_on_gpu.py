@@ -6,8 +6,7 @@ build the model and megatron-core's optimizer, take one step (Adam's state exist
   state      bytes held by parameters, fp32 gradient buffers and optimizer state (distinct storages), against
              `planner.state_bytes` (expected equal: the same accounting the CPU test checks at tiny scale);
   transient  peak CUDA allocation during a second step less the allocation before it, against the planner's
-             activations + logits for the recompute mode (local layers: no fused attention kernel, so the planner
-             is asked with flash_attention=False);
+             activations + logits for the recompute mode (the local spec's attention is SDPA, flash on CUDA);
   speed      mean of `--steps` timed steps: tokens/s, model TFLOP/s (`recipes.metrics`) and the fraction of the
              GPU's dense bf16 peak (`runtime.device_peak_tflops`).
 Writes one JSON object per case to `--out` (JSONL) and prints a table.
@@ -71,7 +70,7 @@ def run_case(model: str, seq: int, recompute: str, distributed: bool, steps: int
     measured = held(chunks, optimizer)
     layout = planner.Layout(distributed_optimizer=distributed, recompute=recompute)
     planned_state = planner.state_bytes(hf, layout, 0, 0, "bf16")
-    pl = planner.plan(hf, layout, seq, 1, "bf16", flash_attention=False)
+    pl = planner.plan(hf, layout, seq, 1, "bf16", flash_attention=True)  # SDPA runs the flash kernel on CUDA
     t0 = time.perf_counter()
     for _ in range(steps):
         ts.optimizer_step(chunks, optimizer, [batch], seq)
