@@ -92,3 +92,31 @@ def test_sequence_length_not_divisible_by_tp_is_a_clear_error(reports):
     message = reports["tp2_sp"]["odd_length_error"]
     assert message is not None
     assert "sequence_parallel" in message and "tp=2" in message and "seq_length=31" in message
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rms_norm_is_torchs_arithmetic(dtype):
+    """`norms.rms_norm` (which keeps only the input and the inverse RMS for backward) gives torch's `rms_norm`
+    output bit for bit and its gradients (input: within one rounding of the dtype; weight: fp32 sums)."""
+    import torch
+
+    from recipes.megatron.norms import rms_norm
+
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, 96, generator=gen).to(dt).requires_grad_()
+    w = (1 + 0.1 * torch.randn(96, generator=gen)).to(dt).requires_grad_()
+    dy = torch.randn(64, 2, 96, generator=gen).to(dt)
+    ref = torch.nn.functional.rms_norm(x, (96,), w, 1e-6)
+    out = rms_norm(x, w, 1e-6)
+    assert torch.equal(out, ref)
+    (gx_ref, gw_ref), (gx, gw) = torch.autograd.grad(ref, (x, w), dy), torch.autograd.grad(out, (x, w), dy)
+    eps = torch.finfo(dt).eps
+    assert (gx.float() - gx_ref.float()).abs().max() <= 4 * eps * gx_ref.float().abs().max()
+    assert (gw.float() - gw_ref.float()).abs().max() <= 4 * eps * gw_ref.float().abs().max()
+    # what backward holds: the input and one fp32 value per row (torch's composite adds fp32 copies of the row)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        rms_norm(x, w, 1e-6)
+    kept_bytes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept if t is not w}
+    assert sum(kept_bytes.values()) == x.numel() * x.element_size() + 64 * 2 * 4

@@ -60,6 +60,41 @@ def test_planned_bytes_equal_the_bytes_each_rank_holds(held):
 
 
 @pytest.mark.slow
+def test_activations_kept_for_backward_are_the_planned_ones(held):
+    """What one forward keeps for backward (summed storages, by dtype) equals the planner's per-layer formula and
+    logits term plus what the CPU layers keep beyond it, each named: the K/V heads SDPA sees repeated for GQA on
+    CPU (on a GPU the flash kernel reads the shared heads), the RoPE cos/sin cast per use, SDPA's log-sum-exp
+    and the norms' inverse RMS in fp32, the final norm's input and output. A layer that kept more (torch's
+    composite RMSNorm, eager SwiGLU) breaks the equality."""
+    s, b = 16, 2  # the worker's micro batch
+    tokens = s * b
+    checked = 0
+    for (model, layout, rank), report in held.items():
+        if report["saved"] is None:  # pipeline stages are not measured
+            continue
+        h = hf(model)
+        tp = int(layout[2]) if layout.startswith("tp") else 1
+        nbytes = 2 if "bf16" in layout else 4
+        lay = planner.Layout(tp=tp)
+        layers, hd = h["num_hidden_layers"], h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"]
+        nh, nkv = h["num_attention_heads"] // tp, h["num_key_value_heads"] // tp
+        per_layer = planner.activation_bytes_per_layer(h, s, b, lay, nbytes) \
+            + nbytes * tokens * 2 * (nh - nkv) * hd + nbytes * s * 4 * hd  # repeated K/V heads; cos, sin for q, k
+        model_dtype = layers * per_layer + nbytes * tokens * 2 * h["hidden_size"]  # + final norm in/out
+        vocab = report["names"][-1][1] // h["hidden_size"] if not h.get("tie_word_embeddings") else \
+            report["names"][0][1] // h["hidden_size"]
+        fp32 = layers * 4 * tokens * nh + (2 * layers + 1) * 4 * tokens + 4 * tokens * vocab  # lse, 1/rms, logits
+        saved = report["saved"]
+        got = saved.get("bfloat16", 0) + saved.get("float32", 0)
+        assert got == model_dtype + fp32, (model, layout, rank, saved)
+        # the planner's logits term: the fp32 copy kept here plus the model-dtype gradient in backward
+        assert planner.plan(h, lay, s * b, 1, "bf16" if nbytes == 2 else "fp32").parts["logits"] == \
+            tokens * vocab * (nbytes + 4)
+        checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.slow
 def test_the_distributed_optimizer_shards_adam_state_over_dp(held):
     whole = held[("tiny-qwen2", "dp2", 0)]["measured"]
     for rank in (0, 1):

@@ -58,6 +58,7 @@ def measure(hf: dict, name: str) -> dict:
     ts.optimizer_step(chunks, optimizer, [batch], s)
 
     model = providers.unwrap(chunks)[0]
+    saved = saved_bytes(model, batch) if pp == 1 else None
     params = list(model.parameters())
     held_params = storages(params)
     held_grads = storages([getattr(p, "main_grad", None) for p in params])
@@ -80,7 +81,28 @@ def measure(hf: dict, name: str) -> dict:
         "planned": planner.state_bytes(hf, layout, pp_rank, dp_rank, precision),
         "names": [[n, p.numel()] for n, p in model.named_parameters()],
         "planned_names": [list(x) for x in planner.rank_parameters(hf, tp, pp, pp_rank)],
+        "saved": saved,
     }
+
+
+def saved_bytes(model, batch) -> dict[str, int]:
+    """Bytes the forward of one micro batch keeps for backward (distinct storages, parameters left out), by
+    dtype: what `planner.activation_bytes_per_layer` and the logits term estimate."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, tuple[int, str]] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            kept[st.data_ptr()] = (st.nbytes(), str(t.dtype).replace("torch.", ""))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    out: dict[str, int] = {}
+    for nbytes, dtype in kept.values():
+        out[dtype] = out.get(dtype, 0) + nbytes
+    return out
 
 
 def main() -> int:
