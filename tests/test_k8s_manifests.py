@@ -65,10 +65,16 @@ def test_rayjob_for_curation(manifests):
         assert k8s.validate_core(k8s.as_pod(template, "p")) == [], where
 
 
-def test_secrets_by_reference_only(manifests, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+def test_secrets_by_reference_only(monkeypatch):
+    # the secrets are in the environment while the manifests are built: a value copied from it would show
+    for name in ("HF_TOKEN", "WANDB_API_KEY", "NRR_TEACHER_API_KEY"):
+        monkeypatch.setenv(name, SENTINEL)
+    profile = load_profile("k8s", ["num_nodes=4", "gpus_per_node=8"])
+    cfg = load_config(PipelineConfig, ROOT / "nemo_configs/pipeline/cluster.yaml")
+    tasks = plan(cfg, profile)
+    manifests = {t.name: m for t, m in zip(tasks, k8s.manifests_for(tasks, profile))}
     text = k8s.to_yaml(list(manifests.values()))
-    assert SENTINEL not in text
+    assert SENTINEL not in text and "HF_TOKEN" in text
     env = {e["name"]: e for e in manifests["sft"]["spec"]["trainer"]["env"]}
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": "nrr-secrets", "key": "HF_TOKEN", "optional": True}}}
