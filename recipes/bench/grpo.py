@@ -90,6 +90,16 @@ def bench_grpo(init_checkpoint: str | None = None, prompts: int = 16, group_size
         result[f"rollout_{name}"] = rollout_throughput(name, chunks, hf, engine_dir, batch, group_size, max_tokens)
     result["rollout_speedup_vllm_over_hf"] = round(
         result["rollout_vllm"]["tokens_per_s"] / result["rollout_hf"]["tokens_per_s"], 2)
+    # generation against the machine's fp32 matmul peak (the engine runs the fp32 tiny model): forward FLOPs per
+    # sampled token at the mean context, prompt plus half the sampled tokens
+    from recipes.bench.peak import matmul_peak, model_gflops
+
+    result["matmul_peak_gflops"] = peak = matmul_peak()
+    for name in ("vllm", "hf"):
+        r = result[f"rollout_{name}"]
+        context = sum(map(len, batch)) / len(batch) + r["tokens"] / (len(batch) * group_size) / 2
+        r["model_gflops"] = model_gflops(hf, r["tokens_per_s"], round(context), training=False)
+        r["of_fp32_peak"] = round(r["model_gflops"] / peak["float32"], 4)
     runtime.destroy_distributed()
     result["step"] = step_time_shares(init_checkpoint, steps, out / "grpo")
     (out / "bench_grpo.json").write_text(json.dumps(result, indent=2))

@@ -1,4 +1,5 @@
-"""`nrr bench sft`: what sequence packing buys on a corpus — useful-token fraction and training speed.
+"""`nrr bench sft`: what sequence packing buys on a corpus — useful-token fraction and training speed — and how
+far a training step is from the machine's matmul peak (`recipes.bench.peak`).
 
     nrr bench sft corpus=runs/curate/corpus.jsonl seq_length=256 steps=5
 
@@ -73,6 +74,16 @@ def bench_sft(corpus: str | None = None, seq_length: int = 256, steps: int = 5, 
     if speed:
         result["useful_tokens_per_s_speedup"] = round(
             result["packed"]["useful_tokens_per_s"] / result["padded"]["useful_tokens_per_s"], 2)
+        # the step against the machine's limit: model FLOP/s (padding included: the model computes on it) over
+        # the fp32 matmul peak on the same threads (the bench trains the fp32 tiny model)
+        from recipes.bench.peak import matmul_peak, model_gflops
+
+        result["matmul_peak_gflops"] = peak = matmul_peak()
+        hf = providers.load_hf_config(hf_config)
+        for name in ("packed", "padded"):
+            r = result[name]
+            r["model_gflops"] = model_gflops(hf, r["tokens_per_s"], seq_length)
+            r["of_fp32_peak"] = round(r["model_gflops"] / peak["float32"], 4)
     from recipes.megatron import runtime
 
     runtime.destroy_distributed()
