@@ -34,7 +34,7 @@ demo: env
 # tests run several processes at once on two cores: idle OpenMP threads sleep instead of spinning
 test: export OMP_WAIT_POLICY := PASSIVE
 test: env
-	$(BIN)/python -m pytest -q -ra --timeout=900 tests
+	$(BIN)/python -m pytest -q -ra --durations=30 --timeout=900 tests
 
 test-fast: export OMP_WAIT_POLICY := PASSIVE
 test-fast: env
