@@ -64,6 +64,9 @@ class TeacherRequestConfig:
     max_retries: int = 5  # after the first attempt, on 429 / 5xx / timeouts / connection errors
     backoff_s: float = 0.5  # first retry delay, doubled each retry (with jitter), capped below
     backoff_max_s: float = 8.0
+    # the run fails (non-zero exit, counts by error class in the report) when more than this share of its
+    # (problem, sample) requests end failed after their retries; 0: any failure fails the run, 1: never
+    max_failed_fraction: float = 0.1
     teacher_name: str | None = None  # provenance label; default: the model name (traces: the rows' own, else None)
 
 

@@ -29,7 +29,8 @@ def parse_response(response: str | None) -> dict:
     """The think block and the final answer of one response."""
     from recipes.grader import final_answer
 
-    text = response or ""
+    # a failed generation's response is None, or NaN once Ray has carried the column through Arrow
+    text = response if isinstance(response, str) else ""
     thinking, answer_part, closed = split_response(text)
     return {
         "think": thinking,

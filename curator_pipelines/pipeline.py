@@ -44,6 +44,9 @@ def resolve_paths(cfg: CurateConfig, root: Path | None = None) -> CurateConfig:
 
     cfg = dataclasses.replace(cfg, data_root=absolute(cfg.data_root))
     check_input(cfg)
+    if not 0.0 <= cfg.generation.max_failed_fraction <= 1.0:
+        raise ConfigError(f"generation.max_failed_fraction={cfg.generation.max_failed_fraction}: a share of the "
+                          "requests, between 0 (any failure fails the run) and 1 (never)")
     path = absolute(cfg.input.path)
     if cfg.input.dataset:
         named = str(catalog.path_of(cfg.input.dataset, cfg.data_root).resolve())
@@ -158,7 +161,7 @@ def build_pipeline(cfg: CurateConfig, show_progress: bool = True):
     out = Path(cfg.output_dir)
     responses = [ReadTracesStage(cfg.input, cfg.generation.teacher_name)] if reads_traces(cfg) else [
         ReadProblemsStage(cfg.input, str(out / QUARANTINE_FILE)),
-        GenerateStage(cfg.generation, str(out / RESULTS_FILE), show_progress),
+        GenerateStage(cfg.generation, str(out / RESULTS_FILE), show_progress, cfg.name),
     ]
     stages = [
         *responses,

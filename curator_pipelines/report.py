@@ -16,6 +16,7 @@ from nemo_curator.stages.resources import Resources
 from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.decontam import MATCHES
+from curator_pipelines.generate import FAILURES
 from curator_pipelines.records import STAGE_LOG
 
 REPORT_JSON = "report.json"
@@ -64,11 +65,13 @@ def build_report(df: pd.DataFrame, metadata: dict, name: str) -> dict:
     bins = np.linspace(0, max(float(tokens.max()) if len(tokens) else 1.0, 1.0), 21)
     return {
         "name": name,
+        "status": "ok",
         "problems": int(df["problem_id"].nunique()),
         "records": int(len(df)),
         "corpus": int(df["kept"].sum()),
         "stages": metadata.get(STAGE_LOG, []),
         "removed": [{"stage": s, "reason": r, "count": int(c)} for (s, r), c in removed_reasons.items()],
+        "generation_failures": metadata.get(FAILURES),
         "thinking": thinking_split(df, metadata),
         "teacher_labels": label_scorecard(df),
         "decontamination": {"sources": metadata.get("nrr_decontam_sources", {}),
@@ -103,6 +106,7 @@ def markdown(report: dict) -> str:
             by = ", ".join(f"{k}: {v}" for k, v in s["removed_by"].items()) or "-"
             lines.append(f"| {label} | {s['records']} | {s['removed']} | {s['removed_share']:.2%} | {by} |")
     d = report["decontamination"]
+    lines += failures_markdown(report.get("generation_failures"))
     lines += ["", "## Decontamination", "", f"Sources: {d['sources']}; {d['matches']} problems matched.", ""]
     for m in d["examples"][:10]:
         lines.append(f"- `{m['problem_id']}` matched `{m['source']}` ({m['how']})")
@@ -113,6 +117,37 @@ def markdown(report: dict) -> str:
         lines.append(f"| {lo:.1f}-{hi:.1f} | {c} |")
     lines += ["", "![tokens](length_hist.png) ![pass rate](pass_rate_hist.png)", ""]
     return "\n".join(lines)
+
+
+def failures_markdown(failures: dict | None) -> list[str]:
+    """The failed requests by error class against the budget (nothing when none failed)."""
+    if not failures or not failures["failed"]:
+        return []
+    lines = ["", "## Failed generation requests", "",
+             f"{failures['failed']} of {failures['requests']} requests ({failures['failed_fraction']:.1%}; "
+             f"generation.max_failed_fraction {failures['max_failed_fraction']:.1%}"
+             + (", **exceeded**)." if failures["exceeded"] else ")."), "",
+             "| error class | requests | example |", "|---|---:|---|"]
+    for cls, n in failures["by_class"].items():
+        example = failures["examples"].get(cls, "").replace("|", "\\|").replace("\n", " ")[:160]
+        lines.append(f"| {cls} | {n} | {example} |")
+    return lines
+
+
+def write_failed_report(out_dir: Path, name: str, metadata: dict, error: str) -> dict:
+    """The report of a run stopped at generation: the stages so far and the failures by class."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"name": name, "status": "failed", "error": error, "stages": metadata.get(STAGE_LOG, []),
+              "generation_failures": metadata.get(FAILURES)}
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    lines = [f"# Curation report: {name}", "", f"**Failed**: {error}", "",
+             "| stage | in | out | removed | reasons |", "|---|---:|---:|---:|---|"]
+    for s in report["stages"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in s["reasons"].items()) or "-"
+        lines.append(f"| {s['stage']} | {s['in']} | {s['out']} | {s['removed']} | {reasons} |")
+    lines += failures_markdown(report["generation_failures"]) + [""]
+    (out_dir / REPORT_MD).write_text("\n".join(lines), encoding="utf-8")
+    return report
 
 
 def plot(report: dict, df: pd.DataFrame, out_dir: Path) -> list[str]:

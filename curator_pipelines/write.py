@@ -63,6 +63,7 @@ def rejected_record(row: dict, names: list[str]) -> dict:
         "dropped_by": row.get("dropped_by"),
         "reason": row.get("drop_reason"),
         "generation_error": row.get("gen_error"),
+        "generation_error_class": row.get("gen_error_class"),
         "teacher_label": row.get("teacher_label"),
         "finish_reason": row.get("finish_reason"),
         "problem": row["problem"],

@@ -39,6 +39,8 @@ def cli(args: argparse.Namespace) -> int:
         raise
     for s in report["stages"]:
         reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items())
+        if s.get("errors"):  # failed requests by class, within generation.max_failed_fraction
+            reasons += " (" + ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) + ")"
         print(f"{s['stage']:>18}: {s['in']:>6} -> {s['out']:>6}  {reasons}")
     print(f"corpus: {report['corpus']} records from {report['problems']} problems "
           f"({report['pipeline_seconds']:.1f} s); report in {cfg.output_dir}/report.md")

@@ -68,8 +68,15 @@ def cli(args: argparse.Namespace) -> int:
         from recipes.evaluation import run_eval
         from recipes.evaluation.config import EvalConfig
 
+        from recipes.evaluation.runner import GenerationBudgetError
+        from recipes.generation.openai_endpoint import EndpointAuthError
+
         cfg = load_config(EvalConfig, args.config, args.overrides)
-        summary = run_eval(cfg)
+        try:
+            summary = run_eval(cfg)
+        except (GenerationBudgetError, EndpointAuthError) as err:
+            print(f"nrr eval run: {err}", file=sys.stderr)
+            return 1
         runs = summary["models"] if cfg.models else {None: summary}
         for model, run in runs.items():
             for name, m in run["benchmarks"].items():

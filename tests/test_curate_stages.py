@@ -133,15 +133,72 @@ def test_faults_429_500_and_hangs_still_yield_every_record(tmp_path):
 def test_retries_running_out_give_explicit_failure_records(tmp_path):
     problems = task.train_problems([1], 5, seed=3)
     with TeacherServer(TeacherServerConfig(faults=FaultConfig(rate_500=1.0))) as server:
-        cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=2, max_retries=2, backoff_s=0.01)
+        cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=2, max_retries=2, backoff_s=0.01,
+                                   max_failed_fraction=1.0)
         df = _generate(cfg, problems, tmp_path / "gen.jsonl")
     assert len(df) == 10 and not df["kept"].any()
-    assert set(df["drop_reason"]) == {"generation_failed"}
+    assert set(df["drop_reason"]) == {"generation_failed"} and set(df["gen_error_class"]) == {"http_500"}
     assert all(e.startswith("HTTP 500") and "after 3 attempts" in e for e in df["gen_error"])
     # failures are asked again on the next run, and then succeed
     with TeacherServer(CLEAN_TEACHER) as server:
         df = _generate(TeacherRequestConfig(base_url=server.base_url, n_samples=2), problems, tmp_path / "gen.jsonl")
     assert df["kept"].all()
+
+
+def _faults_logged(log: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        fault = json.loads(line).get("fault")
+        if fault:
+            counts[fault] = counts.get(fault, 0) + 1
+    return counts
+
+
+def test_failure_budget_fails_above_it_with_counts_by_class_and_reports_below_it(tmp_path):
+    """No retries, half the requests answered 500: above a 10 % budget the stage fails naming the counts (also in
+    report.json / report.md); with a 90 % budget the same failures are reported and the run goes on."""
+    problems = task.train_problems([1, 2], 10, seed=6)  # 20 problems x 2 samples = 40 requests
+    for budget, run in ((0.1, "above"), (0.9, "below")):
+        out = tmp_path / run
+        out.mkdir()
+        faults = FaultConfig(rate_500=0.5, seed=2)
+        with TeacherServer(TeacherServerConfig(faults=faults, log_path=str(out / "log.jsonl"))) as server:
+            cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=2, max_retries=0,
+                                       max_failed_fraction=budget)
+            if run == "above":
+                with pytest.raises(GenerationError) as err:
+                    _generate(cfg, problems, out / "gen.jsonl")
+            else:
+                df = _generate(cfg, problems, out / "gen.jsonl")
+        n_500 = _faults_logged(out / "log.jsonl")["500"]
+        assert 4 < n_500 < 36  # above 10 %, below 90 %: the test exercises both sides
+        if run == "above":
+            assert f"generation failed for {n_500} of 40 requests" in str(err.value)
+            assert f"http_500: {n_500}" in str(err.value) and "max_failed_fraction" in str(err.value)
+            report = json.loads((out / "report.json").read_text())
+            assert report["status"] == "failed" and report["generation_failures"]["by_class"] == {"http_500": n_500}
+            assert f"| http_500 | {n_500} |" in (out / "report.md").read_text()
+        else:
+            assert len(df) == 40 and int((~df["kept"]).sum()) == n_500
+            assert df.loc[~df["kept"], "gen_error_class"].tolist() == ["http_500"] * n_500
+            assert df.loc[df["kept"], "response"].notna().all()
+
+
+def test_malformed_json_is_its_own_error_class_retried_and_every_request_accounted_for(tmp_path):
+    problems = task.train_problems([1, 2], 10, seed=7)
+    log = tmp_path / "log.jsonl"
+    faults = FaultConfig(rate_malformed_json=0.3, seed=3)
+    with TeacherServer(TeacherServerConfig(faults=faults, log_path=str(log))) as server:
+        cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=2, max_retries=0, max_failed_fraction=1.0)
+        df = _generate(cfg, problems, tmp_path / "once.jsonl")
+        n_bad = _faults_logged(log)["malformed_json"]
+        assert n_bad > 0 and len(df) == 40
+        assert df.loc[~df["kept"], "gen_error_class"].tolist() == ["malformed_json"] * n_bad
+        assert df.loc[~df["kept"], "gen_error"].str.startswith("malformed JSON").all()
+        # retried like a 5xx: with retries every request ends with a completion
+        cfg = dataclasses.replace(cfg, max_retries=8, backoff_s=0.01, backoff_max_s=0.05)
+        df = _generate(cfg, problems, tmp_path / "retried.jsonl")
+    assert len(df) == 40 and df["kept"].all() and (df["gen_attempts"] > 1).any()
 
 
 def test_resume_asks_only_for_missing_pairs_and_survives_a_torn_line(tmp_path):
@@ -387,3 +444,33 @@ def test_nrr_curate_names_file_and_line_of_a_bad_record(tmp_path):
                        cwd=root, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
     assert r.returncode == 1
     assert f"{bad}:2: missing field 'answer'" in r.stderr
+
+
+@pytest.mark.slow  # a whole `nrr curate` (Ray, the teacher process): ~45-80 s on 2 shared cores
+def test_nrr_curate_stops_at_the_first_401_naming_endpoint_and_key_variable_never_the_key(tmp_path):
+    """A teacher that refuses the client's key: `nrr curate` exits 1 after at most `concurrency` requests (those
+    in flight), naming the endpoint and the variable; the report counts the 401s and the requests never sent; no
+    key appears in the output or in any file of the run."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    client_key, server_key = "sk-client-wrong-7f3a9c", "sk-server-right-21be04"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+           "NRR_TEST_CLIENT_KEY": client_key, "NRR_TEST_SERVER_KEY": server_key}
+    r = subprocess.run([sys.executable, "-m", "recipes.cli", "curate", "--no-progress", f"output_dir={out}",
+                        f"input.path={out}/problems.jsonl", "embedded_problems.n_per_level=10",  # 30 x 2 requests
+                        "generation.concurrency=4", "generation.api_key_env=NRR_TEST_CLIENT_KEY",
+                        "generation.teacher_overrides=[auth_key_env=NRR_TEST_SERVER_KEY]"],
+                       cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "refused the request with HTTP 401" in r.stderr and "$NRR_TEST_CLIENT_KEY" in r.stderr
+    assert "the endpoint http://127.0.0.1:" in r.stderr
+    n_401 = _faults_logged(out / "teacher_log.jsonl")["401"]
+    assert 1 <= n_401 <= 4  # the first refusal stops every request not yet sent
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert report["generation_failures"]["by_class"] == {"http_401": n_401, "not_asked": 60 - n_401}
+    for text in [r.stdout, r.stderr] + [f.read_bytes().decode(errors="replace") for f in out.rglob("*") if f.is_file()]:
+        assert client_key not in text and server_key not in text

@@ -1,12 +1,18 @@
 """Curation benchmark: records/s of each filter stage, and the grader's fast path against math-verify.
 
     nrr bench curate [n_problems=600] [n_samples=2]
+    nrr bench curate soak=true [soak_problems=90]
 
 Filter throughput is measured on embedded-teacher traces (defects included), applying each
 judge to every record. The grader part grades every benchmark reference answer against itself
 (boxed, as a model would write it) and against another problem's answer, once with
 `recipes.grader.grade` (fast path first) and once with math-verify alone, and reports the
 speed-up and whether the verdicts agree.
+
+The soak (`soak=true`) runs the whole curation (`nrr curate`, on Ray) against the embedded teacher failing on
+purpose: 10 % 429, 10 % 500, 5 % hangs (longer than the client's timeout) and 5 % cut-off JSON per request,
+and counts where every (problem, sample) ended: in the corpus, rejected with a reason, or failed with an error
+class. `accounted_for` says whether those add up to every record, each with its reason.
 """
 
 from __future__ import annotations
@@ -143,8 +149,73 @@ def bench_grader(limit_per_file: int = 200, timeout: float = 5.0) -> dict:
     }
 
 
-def bench_curate(n_problems: int = 600, n_samples: int = 2, grader_limit_per_file: int = 200) -> dict:
-    """Filter-stage throughput and the grader's fast-path speed-up (one dict, for `nrr bench curate`)."""
+SOAK_FAULTS = {"rate_429": 0.10, "rate_500": 0.10, "rate_hang": 0.05, "rate_malformed_json": 0.05}
+
+
+def bench_soak(n_problems: int = 90, n_samples: int = 2, out_dir: str | None = None, seed: int = 0) -> dict:
+    """The curation under injected faults: where every record ended, by reason, and the wall time."""
+    import tempfile
+
+    from curator_pipelines.config import CurateConfig
+    from curator_pipelines.pipeline import run_curation
+    from recipes.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    out = Path(out_dir or tempfile.mkdtemp(prefix="nrr-soak-"))
+    faults = [f"faults.{k}={v}" for k, v in SOAK_FAULTS.items()] + ["faults.hang_s=2.0", f"faults.seed={seed}"]
+    overrides = [f"output_dir={out}", f"input.path={out}/problems.jsonl", "output.histograms=false",
+                 f"embedded_problems.n_per_level={max(1, n_problems // 3)}", f"generation.n_samples={n_samples}",
+                 # a hang outlives the client's timeout: it is retried as a timeout
+                 "generation.timeout_s=1.0", "generation.max_retries=2", "generation.backoff_s=0.05",
+                 "generation.backoff_max_s=0.5", f"generation.teacher_overrides=[{','.join(faults)}]"]
+    cfg = load_config(CurateConfig, root / "nemo_configs/curate/embedded.yaml", overrides)
+    started = time.perf_counter()
+    report = run_curation(cfg, show_progress=False)
+    seconds = time.perf_counter() - started
+
+    def jsonl(name: str) -> list[dict]:
+        return [json.loads(line) for line in (out / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    corpus, rejected = jsonl("curated.jsonl"), jsonl("rejected.jsonl")
+    failed = [r for r in rejected if r["reason"] == "generation_failed"]
+    filtered = [r for r in rejected if r["reason"] != "generation_failed"]
+    log = jsonl("teacher_log.jsonl")
+    ids = [r["id"] for r in corpus + rejected]
+    records = report["records"]
+    return {
+        "problems": report["problems"],
+        "records": records,
+        "requests_answered": len(log),  # by the teacher (a hang counts when it ends)
+        "injected_faults": _count(e["fault"] for e in log if "fault" in e),
+        "in_corpus": len(corpus),
+        "rejected_by_filters": len(filtered),
+        "rejected_reasons": _count(r["reason"] for r in filtered),
+        "generation_failed": len(failed),
+        "failed_by_class": _count(r["generation_error_class"] for r in failed),
+        "retried_records": sum(1 for r in jsonl("generations.jsonl") if r.get("attempts", 1) > 1),
+        # every record once, each rejected one with its reason (a failed one with its error class too)
+        "accounted_for": (len(ids) == len(set(ids)) == records
+                          and all(r["reason"] for r in filtered)
+                          and all(r["generation_error_class"] and r["generation_error"] for r in failed)),
+        "wall_seconds": round(seconds, 1),
+        "pipeline_seconds": report["pipeline_seconds"],
+        "output_dir": str(out),
+    }
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def bench_curate(n_problems: int = 600, n_samples: int = 2, grader_limit_per_file: int = 200, soak: bool = False,
+                 soak_problems: int = 90) -> dict:
+    """Filter-stage throughput and the grader's fast-path speed-up (one dict, for `nrr bench curate`); with
+    `soak`, the curation under injected faults instead (`bench_soak`)."""
+    if soak:
+        return {"soak": bench_soak(soak_problems, n_samples)}
     return {"filters": bench_filters(n_problems, n_samples), "grader": bench_grader(grader_limit_per_file)}
 
 

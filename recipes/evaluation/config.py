@@ -51,9 +51,15 @@ class GenerationConfig:
     # openai-compatible endpoint
     tokenizer: str | None = None  # the served model's tokenizer folder (its chat template renders the prompts)
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"  # the name of the variable holding the key, never the key
+    # the name of the variable holding the key, never the key; null: an endpoint that needs no key (a local vLLM).
+    # A variable named but not set is an error, not an empty key
+    api_key_env: str | None = "OPENAI_API_KEY"
     max_concurrency: int = 8
     request_timeout: float = 600.0
+    # the run fails (non-zero exit, counts by error class in summary.json) when the endpoint gives no completion
+    # for more than this share of a benchmark's problems; below it the failed problems are left out of the
+    # metrics, counted in the summary, and asked again by the next run
+    max_failed_fraction: float = 0.1
 
 
 @dataclasses.dataclass

@@ -1,7 +1,9 @@
 """An evaluation run: read benchmarks -> generate k samples per problem -> grade -> metrics -> report.
 
 Samples are appended to `<output_dir>/<benchmark>.jsonl` as each batch finishes; a rerun skips the
-(problem, sample) pairs already there, so an interrupted run resumes where it stopped.
+(problem, sample) pairs already there, so an interrupted run resumes where it stopped. With an endpoint, a
+problem it gave no completion for is counted by error class; more than `generation.max_failed_fraction` of a
+benchmark's problems failing fails the run (`GenerationBudgetError`, after writing summary.json).
 Record fields follow NeMo-Skills' names where they exist (`generation`, `expected_answer`,
 `predicted_answer`, `is_correct`, `num_generated_tokens`); `nemo_skills_layout: true` also writes NeMo-Skills'
 own files (`recipes.evaluation.nemo_skills`). Prompts: `recipes.evaluation.prompts`, rendered by the model's
@@ -27,6 +29,10 @@ from recipes.evaluation.metrics import reflection_count, summarize
 from recipes.evaluation.records import drop_torn_tail, read_records
 
 
+class GenerationBudgetError(RuntimeError):
+    """More of a benchmark's problems failed at the endpoint than generation.max_failed_fraction allows."""
+
+
 # ------------------------------------------------------------------------------ model and backend
 
 
@@ -50,6 +56,21 @@ def resolve_model(model: str, output_dir: Path, init_seed: int = 1234) -> str:
             path = output_dir / "random_init"
         export_to_hf(str(path), str(out))
     return str(out)
+
+
+def check_failures(n_problems: int, failures: list, max_failed_fraction: float) -> dict | None:
+    """A benchmark's failed problems by error class against the budget (None: none failed)."""
+    if not failures:
+        return None
+    by_class: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    for f in failures:
+        by_class[f.error_class] = by_class.get(f.error_class, 0) + 1
+        examples.setdefault(f.error_class, f.error)
+    fraction = len(failures) / max(1, n_problems)
+    return {"problems": n_problems, "failed": len(failures), "failed_fraction": round(fraction, 4),
+            "max_failed_fraction": max_failed_fraction, "exceeded": fraction > max_failed_fraction,
+            "by_class": by_class, "examples": examples}
 
 
 def make_backend(cfg: EvalConfig, model_dir: str):
@@ -170,6 +191,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ValueError("set either `model` (one model) or `models` ({label: model}), not both"
                          if cfg.model else "`model` is required (or `models`: {label: model})")
     prompts.check_prompts(cfg)
+    if not 0.0 <= cfg.generation.max_failed_fraction <= 1.0:
+        raise ConfigError(f"generation.max_failed_fraction={cfg.generation.max_failed_fraction}: a share of the "
+                          "problems, between 0 (any failure fails the run) and 1 (never)")
+    if cfg.generation.backend == "openai":  # before any model or engine starts
+        from recipes.generation.openai_endpoint import endpoint_api_key
+
+        endpoint_api_key(cfg.generation.api_key_env)
     pool = BackendPool(cfg)
     try:
         if cfg.model:
@@ -204,8 +232,8 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
 
     backend = None
     model_dir = None
-    summary: dict = {"run": cfg.run_name or out.name, "model": cfg.model, "backend": g.backend, "k": g.k,
-                     "temperature": g.temperature, "thinking": g.thinking, "benchmarks": {}, "prompts": {}}
+    summary: dict = {"run": cfg.run_name or out.name, "status": "ok", "model": cfg.model, "backend": g.backend,
+                     "k": g.k, "temperature": g.temperature, "thinking": g.thinking, "benchmarks": {}, "prompts": {}}
     layout: dict[str, dict] = {}
     started = time.monotonic()
     for bench, label in zip(cfg.benchmarks, labels):
@@ -226,10 +254,15 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
             summary["thinking"] = expect_thinking
         with progress(disable=not cfg.progress) as bar, path.open("a", encoding="utf-8") as f:
             task = bar.add_task(label, total=len(problems), completed=len(problems) - len(pending), info="")
+            failures = []  # EndpointFailure per problem without a completion (an endpoint's)
+            generate = (getattr(backend, "generate_tolerant", None) or backend.generate) if pending else None
             for start in range(0, len(pending), g.batch_size):
                 chunk = pending[start : start + g.batch_size]
-                outputs = backend.generate([_prompt(p, prompt, g, tok) for p in chunk], params)
+                outputs = generate([_prompt(p, prompt, g, tok) for p in chunk], params)
                 for problem, comps in zip(chunk, outputs):
+                    if hasattr(comps, "error_class"):
+                        failures.append(comps)
+                        continue
                     for i, comp in enumerate(comps):
                         if (problem["id"], i) in done:
                             continue
@@ -241,6 +274,17 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
         ids = {p["id"] for p in problems}
         records = [r for r in read_records(path) if str(r["id"]) in ids and r["sample_idx"] < g.k]
         summary["benchmarks"][label] = summarize(records)
+        failed = check_failures(len(problems), failures, g.max_failed_fraction)
+        if failed:
+            summary["benchmarks"][label]["generation_failures"] = failed
+        if failed and failed["exceeded"]:
+            counts = ", ".join(f"{k}: {v}" for k, v in failed["by_class"].items())
+            summary["status"] = "failed"
+            summary["error"] = (f"{label}: the endpoint gave no completion for {failed['failed']} of "
+                                f"{failed['problems']} problems ({failed['failed_fraction']:.1%} > "
+                                f"generation.max_failed_fraction {g.max_failed_fraction:.1%}): {counts}")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            raise GenerationBudgetError(summary["error"] + f"; summary in {out}/summary.json")
         if cfg.nemo_skills_layout:
             layout[label] = nemo_skills.write_benchmark(out / "nemo_skills", label, [p["id"] for p in problems],
                                                         records, g.k, greedy=g.temperature == 0)

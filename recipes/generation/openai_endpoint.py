@@ -1,25 +1,76 @@
-"""Any OpenAI-compatible endpoint (a vLLM or NIM server, a hosted API) through the Completions API."""
+"""Any OpenAI-compatible endpoint (a vLLM or NIM server, a hosted API) through the Completions API.
+
+`generate` raises at a prompt's first failure (after the client's retries); `generate_tolerant` hands back an
+`EndpointFailure` (error class and message) for that prompt instead, so evaluation can count failures against its
+budget. A 401 / 403 stops both at once: a refused key would fail every request.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import threading
 from pathlib import Path
 
+from recipes.config import ConfigError
 from recipes.generation.backend import Completion, Prompt, SamplingParams
+
+AUTH_CLASSES = ("http_401", "http_403")
+
+
+@dataclasses.dataclass
+class EndpointFailure:
+    """A prompt the endpoint gave no completion for, after its retries."""
+
+    error_class: str  # http_<status>, timeout, connection, malformed_json, not_asked
+    error: str
+
+
+class EndpointAuthError(RuntimeError):
+    """The endpoint refused the key (HTTP 401 / 403)."""
+
+
+def endpoint_api_key(api_key_env: str | None) -> str:
+    """The key from the variable the config names; None names none: an endpoint that needs no key (a local vLLM)."""
+    if api_key_env is None:
+        return "EMPTY"  # the client requires some value; a server without auth ignores it
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise ConfigError(f"generation.api_key_env names the env var {api_key_env!r}, which is not set: export it, "
+                          "or set generation.api_key_env=null for an endpoint that needs no key")
+    return key
+
+
+def error_class(err: BaseException) -> str | None:
+    """An endpoint failure's class; None: not the endpoint's (a bug here), to be raised."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        return f"http_{err.status_code}"
+    if isinstance(err, openai.APITimeoutError):  # before APIConnectionError, its base class
+        return "timeout"
+    if isinstance(err, openai.APIConnectionError):
+        return "connection"
+    if isinstance(err, json.JSONDecodeError):  # a 200 whose body is not JSON (the client parses it as such)
+        return "malformed_json"
+    return None
 
 
 class OpenAIBackend:
     """Completions on pre-rendered prompts (the server must not apply a chat template again); the key comes
     from the variable `api_key_env` names and is handed to the client only, never logged or written."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
-                 timeout: float = 600.0, tokenizer_dir: str | None = None):
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
+                 max_concurrency: int = 8, timeout: float = 600.0, tokenizer_dir: str | None = None, max_retries: int = 2):
         import openai
 
         if not base_url:
             raise ValueError("generation.base_url is required for the openai backend")
-        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
-                                    timeout=timeout, max_retries=2)
+        self._key = endpoint_api_key(api_key_env)
+        self.base_url, self.api_key_env, self.max_retries = base_url, api_key_env, max_retries
+        # the client retries 429 / 5xx / timeouts / connection errors itself; malformed JSON is retried here
+        self.client = openai.OpenAI(base_url=base_url, api_key=self._key, timeout=timeout, max_retries=max_retries)
         self.model = model
         self.max_concurrency = max_concurrency
         self.tokenizer = None
@@ -36,10 +87,17 @@ class OpenAIBackend:
     def _one(self, prompt: Prompt, params: SamplingParams) -> list[Completion]:
         if not isinstance(prompt, str):
             raise TypeError("the openai backend takes rendered text prompts, not token ids")
-        resp = self.client.completions.create(
-            model=self.model, prompt=prompt, n=params.n, temperature=params.temperature, top_p=params.top_p,
-            max_tokens=params.max_tokens, seed=params.seed, extra_body={"skip_special_tokens": False},
-        )
+        for attempt in range(self.max_retries + 1):
+            try:
+                resp = self.client.completions.create(
+                    model=self.model, prompt=prompt, n=params.n, temperature=params.temperature,
+                    top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed,
+                    extra_body={"skip_special_tokens": False},
+                )
+                break
+            except json.JSONDecodeError:
+                if attempt == self.max_retries:
+                    raise
         total = resp.usage.completion_tokens if resp.usage else None
         comps = []
         for choice in sorted(resp.choices, key=lambda c: c.index):
@@ -50,11 +108,51 @@ class OpenAIBackend:
             comps.append(Completion([], choice.text, finish, num_tokens=n_tok))
         return comps
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+    def _auth_error(self, cls: str) -> EndpointAuthError:
+        where = (f"the key in ${self.api_key_env} (generation.api_key_env)" if self.api_key_env else
+                 "no key: generation.api_key_env is null; set it to the env var holding the endpoint's key")
+        return EndpointAuthError(f"the endpoint {self.base_url} refused the request with HTTP {cls[5:]}: "
+                                 f"check {where}")
+
+    def generate_tolerant(self, prompts: list[Prompt],
+                          params: SamplingParams) -> list[list[Completion] | EndpointFailure]:
+        """Completions per prompt, or its failure; raises EndpointAuthError at a 401 / 403 (prompts not yet sent
+        are not sent)."""
         from concurrent.futures import ThreadPoolExecutor
 
+        refused: list[str] = []
+        lock = threading.Lock()
+
+        def one(prompt: Prompt):
+            if refused:
+                return EndpointFailure("not_asked", "not sent: the endpoint refused the key")
+            try:
+                return self._one(prompt, params)
+            except Exception as err:  # noqa: BLE001 - classified; what is not the endpoint's is raised
+                cls = error_class(err)
+                if cls is None:
+                    raise
+                if cls in AUTH_CLASSES:
+                    with lock:
+                        refused.append(cls)
+                message = f"{type(err).__name__}: {err}"
+                if self._key != "EMPTY" and len(self._key) >= 4:  # a server may echo the header back
+                    message = message.replace(self._key, "***")
+                return EndpointFailure(cls, message[:300])
+
         with ThreadPoolExecutor(self.max_concurrency) as pool:
-            return list(pool.map(lambda p: self._one(p, params), prompts))
+            results = list(pool.map(one, prompts))
+        if refused:
+            raise self._auth_error(refused[0])
+        return results
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        results = self.generate_tolerant(prompts, params)
+        failed = next((r for r in results if isinstance(r, EndpointFailure)), None)
+        if failed is not None:
+            raise RuntimeError(f"the endpoint {self.base_url} gave no completion ({failed.error_class}): "
+                               f"{failed.error}")
+        return results
 
     def close(self) -> None:
         self.client.close()

@@ -1,18 +1,22 @@
-"""An OpenAI-compatible teacher that solves the embedded task (POST /v1/chat/completions, GET /v1/models).
+"""An OpenAI-compatible teacher that solves the embedded task (POST /v1/chat/completions and /v1/completions,
+GET /v1/models).
 
 It stands in for a vLLM server, a NIM or a hosted API when none is reachable: the curation
-pipeline talks to it through the same client code. Each response carries the defect it was given
+pipeline talks to it through the same client code (and evaluation's endpoint backend through POST
+/v1/completions, the arithmetic read from the rendered prompt). Each response carries the defect it was given
 in a side-channel field (`nrr_defect`, `nrr_defect_injected`, per choice and at the top level) and
 the server appends the same to its log, so tests can score the curation filters against the truth.
-For client tests it also fails on purpose: 429 (with Retry-After), 500, or a hang, for a share of
-requests. Like a reasoning endpoint (the DeepSeek API, vLLM with a reasoning parser) it can return the
-thinking in its own message field (`reasoning_field`) and only the answer in `content`.
+For client tests it also fails on purpose: 429 (with Retry-After), 500, a hang, or a 200 whose body is
+cut-off JSON, for a share of requests; and, with `auth_key_env`, it answers 401 to any other key. Like a
+reasoning endpoint (the DeepSeek API, vLLM with a reasoning parser) it can return the thinking in its own
+message field (`reasoning_field`) and only the answer in `content`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import threading
 import time
@@ -32,6 +36,7 @@ class FaultConfig:
     rate_429: float = 0.0
     rate_500: float = 0.0
     rate_hang: float = 0.0
+    rate_malformed_json: float = 0.0  # a 200 whose body is cut-off JSON (a proxy or a server dying mid-write)
     hang_s: float = 30.0  # how long a hanging request sleeps before it answers 504
     retry_after_s: float = 0.0  # the Retry-After header of a 429
     seed: int = 0
@@ -44,6 +49,8 @@ class TeacherServerConfig:
     model: str = "nrr-embedded-teacher"
     latency_s: float = 0.0  # added to every completion (a slower teacher, e.g. to interrupt a run)
     log_path: str | None = None  # JSONL of every request's outcome (the defect labels, faults)
+    # the env var holding the key a client must send (Bearer); any other key gets 401. None: any key is accepted
+    auth_key_env: str | None = None
     # None: the thinking inline in content; else the message field it moves to (DeepSeek API, vLLM)
     reasoning_field: Literal["reasoning_content", "reasoning"] | None = None
     traces: TraceConfig = dataclasses.field(default_factory=TraceConfig)
@@ -70,6 +77,13 @@ def assistant_message(text: str, reasoning_field: str | None) -> dict:
     return {"role": "assistant", "content": answer, reasoning_field: thinking}
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # the stdlib's listen backlog is 5: a client opening 16 connections at once would see some reset
+    # (connection errors that a vLLM server would not cause)
+    request_queue_size = 256
+
+
 class TeacherServer:
     """The HTTP server plus its state (fault RNG, log file, counters)."""
 
@@ -81,14 +95,18 @@ class TeacherServer:
         # client's timeout never covers the load
         self.tokenizer = tokenizer.load()
         self._fault_rng = random.Random(cfg.faults.seed)
+        self._auth_key = None
+        if cfg.auth_key_env:
+            self._auth_key = os.environ.get(cfg.auth_key_env)
+            if not self._auth_key:
+                raise ValueError(f"auth_key_env names the env var {cfg.auth_key_env!r}, which is not set")
         self._lock = threading.Lock()
         self._log = None
         if cfg.log_path:
             Path(cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
             self._log = open(cfg.log_path, "a", encoding="utf-8")
         self.counts: dict[str, int] = {}
-        self.httpd = ThreadingHTTPServer((cfg.host, cfg.port), self._handler_class())
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((cfg.host, cfg.port), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property
@@ -137,7 +155,8 @@ class TeacherServer:
         f = self.cfg.faults
         with self._lock:
             u = self._fault_rng.random()
-        for name, rate in (("429", f.rate_429), ("500", f.rate_500), ("hang", f.rate_hang)):
+        for name, rate in (("429", f.rate_429), ("500", f.rate_500), ("hang", f.rate_hang),
+                           ("malformed_json", f.rate_malformed_json)):
             if u < rate:
                 return name
             u -= rate
@@ -180,6 +199,19 @@ class TeacherServer:
             "nrr_defect_injected": choices[0]["nrr_defect_injected"],
         }
 
+    def complete_text(self, body: dict) -> dict:
+        """A text_completion (the Completions API) for a request body: the question is the rendered prompt."""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("'prompt' must be a non-empty string")
+        # reasoning_field moves the thinking out of a chat message's content; a completion is plain text
+        if self.cfg.reasoning_field:
+            raise ValueError("reasoning_field is a chat-completions feature; /v1/completions returns text")
+        chat = self.complete({**body, "messages": [{"role": "user", "content": prompt}]})
+        choices = [{"index": c["index"], "text": c["message"]["content"] or "", "finish_reason": c["finish_reason"],
+                    "nrr_defect": c["nrr_defect"]} for c in chat["choices"]]
+        return {**chat, "object": "text_completion", "choices": choices}
+
     def _handler_class(self):
         server = self
 
@@ -190,7 +222,9 @@ class TeacherServer:
                 pass  # one line per request would drown the pipeline's own log
 
             def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-                data = json.dumps(payload).encode()
+                self._send_raw(status, json.dumps(payload).encode(), headers)
+
+            def _send_raw(self, status: int, data: bytes, headers: dict | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -217,8 +251,14 @@ class TeacherServer:
             def do_POST(self):  # noqa: N802
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+                route = self.path.rstrip("/").removeprefix("/v1")
+                if route not in ("/chat/completions", "/completions"):
                     self._error(404, f"no route {self.path}", "not_found")
+                    return
+                if server._auth_key is not None and \
+                        self.headers.get("Authorization", "") != f"Bearer {server._auth_key}":
+                    server._record({"time": time.time(), "fault": "401"})
+                    self._error(401, "invalid API key", "authentication_error")
                     return
                 fault = server._draw_fault()
                 if fault == "429":
@@ -235,13 +275,18 @@ class TeacherServer:
                     time.sleep(server.cfg.faults.hang_s)
                     self._error(504, "timed out (injected hang)", "timeout")
                     return
+                if fault == "malformed_json":
+                    server._record({"time": time.time(), "fault": "malformed_json"})
+                    self._send_raw(200, b'{"id": "chatcmpl-cut", "choices": [{"index": 0, "message": {"role": "ass')
+                    return
                 try:
                     body = json.loads(raw or b"{}")
                     if not isinstance(body, dict):
                         raise ValueError("the request body must be a JSON object")
                     if server.cfg.latency_s:
                         time.sleep(server.cfg.latency_s)
-                    self._send(200, server.complete(body))
+                    chat = route == "/chat/completions"
+                    self._send(200, server.complete(body) if chat else server.complete_text(body))
                 except (ValueError, TypeError) as err:
                     self._error(400, str(err), "invalid_request_error")
 
