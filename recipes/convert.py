@@ -4,9 +4,11 @@
     nrr convert to-hf   --ckpt CKPT --out HF_DIR [--step N] [--tp N --pp N]
     nrr convert init    --config CONFIG_JSON --out CKPT [--seed S]
 
-The conversion itself (and its Python API) is `recipes.megatron.hf_checkpoint`. One process is enough for tiny
-models; `--tp/--pp` > 1 re-launches this module under `python -m torch.distributed.run --nproc_per_node TP*PP`
-so each rank holds only its shard.
+The conversion itself (and its Python API) is `recipes.megatron.hf_checkpoint`. `to-hf` writes `<out>.tmp` and
+renames it into place when complete, so an interrupted export leaves a previous one intact; it checks the step's
+checksums first (without `--step`, a corrupt latest step falls back to the newest complete one, with a warning).
+One process is enough for tiny models; `--tp/--pp` > 1 re-launches this module under
+`python -m torch.distributed.run --nproc_per_node TP*PP` so each rank holds only its shard.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def cli(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:  # corrupt checkpoints: ValueError
         print(f"nrr convert: error: {err}", file=sys.stderr)
         return 2
 

@@ -4,20 +4,36 @@ Offers:
 - `save_checkpoint(ckpt_dir, step, model_chunks, optimizer=None, scheduler=None, extra=None, keep_last=None)`
 - `load_checkpoint(ckpt_dir, model_chunks, optimizer=None, scheduler=None, step=None) -> (step, extra) | None`
 - `latest_step(ckpt_dir) -> int | None`, `step_dir(ckpt_dir, step)`, `read_hf_config(ckpt_dir)`.
+- `verify_step(ckpt_dir, step) -> [problem, ...]`, `CorruptCheckpointError`; `replace_dir(tmp, final)`,
+  `recover_dir(final)`, `fsync_tree(root)`: the atomic-folder helpers, shared with the HF export.
 
 Layout of `ckpt_dir`:
     hf_config.json            the model's HF config: a checkpoint is self-describing
     tokenizer/                the model's HF tokenizer files (the embedded students' unless another is given)
     iter_0000010/             one dist_checkpointing checkpoint: model (+ optimizer) shards, common.pt,
-                              trainer_state.pt (step, scheduler state, `extra`) written by rank 0
+                              trainer_state.pt (step, scheduler state, `extra`) written by rank 0, and
+                              manifest.json: size and sha256 of every other file in the folder
     latest                    text file with the newest complete step
 
-A step is saved into `iter_XXXXXXX.tmp`, renamed to `iter_XXXXXXX` once every rank has finished writing, and
-only then is `latest` replaced (write + fsync + os.replace). A process killed mid-save leaves at most a `.tmp`
-folder that resume ignores and the next save removes. `keep_last=K` deletes all but the newest K steps.
+Saving: a step is written into `iter_XXXXXXX.tmp`; once every rank has finished, the files are hashed (split
+across ranks) and fsynced, rank 0 writes manifest.json and fsyncs the folder, then renames it to `iter_XXXXXXX`
+and fsyncs `ckpt_dir`; only then is `latest` replaced (write + fsync + os.replace + fsync of the folder). A process
+killed mid-save leaves at most a `.tmp` folder, which resume ignores and the next save removes. Re-saving a step
+that exists swaps the new folder with the old one in one rename (Linux renameat2 RENAME_EXCHANGE) and deletes the
+old one afterwards; where the filesystem lacks the swap, the old folder is first renamed to `iter_XXXXXXX.old`,
+which loaders and the next save take as the step when a crash left no `iter_XXXXXXX`. `keep_last=K` deletes all
+but the newest K steps.
 
-Any TP/PP layout can load any other's checkpoint (megatron's sharded keys are global). `extra` must be picklable
-and is taken from rank 0 (data position, RNG states of rank 0, ...).
+Loading checks the step against its manifest (every file present, same size, same sha256). Without `step=`, a
+step that fails the check (or has no manifest: an unfinished or pre-manifest save) is skipped with a
+RuntimeWarning naming the file and the expected vs found size or checksum, and the newest earlier step that passes
+is loaded; when none passes, a CorruptCheckpointError lists every step and why. An explicit `step=` that fails
+raises CorruptCheckpointError. trainer_state.pt is read with `torch.load(weights_only=True)`: numpy arrays in
+`extra` (numpy's RNG state) are stored as tensors and given back as arrays.
+
+Any TP/PP layout can load any other's checkpoint (megatron's sharded keys are global). `extra` is taken from rank 0
+(data position, RNG states of rank 0, ...) and may hold tensors, numpy arrays, numbers, strings, None and
+dicts/lists/tuples of them (what `torch.load(weights_only=True)` reads back); anything else fails at save.
 
 The optimizer state reshards too: megatron's regular optimizer and its DistributedOptimizer (saved in the
 'fully_reshardable' model-space format, `DISTRIBUTED_OPTIMIZER_METADATA`) write Adam's moments per model parameter
@@ -28,10 +44,15 @@ with or without it. The reverse (a checkpoint saved without it, resumed with it)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,17 +60,31 @@ import torch
 from recipes.megatron import providers
 from recipes.megatron.runtime import barrier
 
-_ITER = re.compile(r"^iter_(\d{7,})$")
+_ITER = re.compile(r"^iter_(\d{7,})(\.old)?$")
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+_NUMPY = "__numpy_array__"  # tags a numpy array stored as a tensor in trainer_state.pt
+
+
+class CorruptCheckpointError(ValueError):
+    """A step folder that does not match its manifest (a file missing, truncated or changed), or has none."""
 
 
 def step_dir(ckpt_dir, step: int) -> Path:
     return Path(ckpt_dir) / f"iter_{int(step):07d}"
 
 
+def _step_path(ckpt_dir, step: int) -> Path:
+    """Where step `step` lives: its folder, or the `.old` copy a crash in the middle of a re-save left behind."""
+    final = step_dir(ckpt_dir, step)
+    old = final.with_name(final.name + ".old")
+    return old if not final.is_dir() and old.is_dir() else final
+
+
 def latest_step(ckpt_dir) -> int | None:
-    """The newest complete step (from the `latest` marker), or None when the folder holds no checkpoint."""
+    """The step the `latest` marker names, or None when the folder holds no checkpoint. When that step's folder is
+    gone, the newest saved step before it (with a warning). Cheap: checksums are checked by `load_checkpoint`."""
     marker = Path(ckpt_dir) / LATEST
     if not marker.exists():
         return None
@@ -57,16 +92,21 @@ def latest_step(ckpt_dir) -> int | None:
     if not text.isdigit():
         raise ValueError(f"{marker}: expected a step number, found {text!r}")
     step = int(text)
-    if not step_dir(ckpt_dir, step).is_dir():
-        raise FileNotFoundError(f"{marker} names step {step} but {step_dir(ckpt_dir, step)} is missing")
-    return step
+    if _step_path(ckpt_dir, step).is_dir():
+        return step
+    earlier = [s for s in saved_steps(ckpt_dir) if s < step]
+    if not earlier:
+        raise FileNotFoundError(f"{marker} names step {step} but {step_dir(ckpt_dir, step)} is missing, "
+                                "and no earlier step is saved")
+    _warn(f"{marker} names step {step} but {step_dir(ckpt_dir, step)} is missing; using step {earlier[-1]}")
+    return earlier[-1]
 
 
 def saved_steps(ckpt_dir) -> list[int]:
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in d.iterdir() if p.is_dir() and (m := _ITER.match(p.name)))
+    return sorted({int(m.group(1)) for p in d.iterdir() if p.is_dir() and (m := _ITER.match(p.name))})
 
 
 def read_hf_config(ckpt_dir) -> dict:
@@ -80,6 +120,11 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def _warn(message: str) -> None:
+    if _rank() == 0:  # one warning per run, not one per rank
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -87,6 +132,246 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ------------------------------------------------------------------------------ durable, atomic folders
+
+
+def fsync_dir(path) -> None:
+    """Make a folder's entries (files created or renamed in it) durable: a rename is not, until its folder is."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """fsync every file under `root`, then every folder, deepest first (a file's name lives in its folder)."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). False where the C library,
+    kernel or filesystem lacks it, so the caller can fall back to two renames."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
+
+
+def replace_dir(tmp, final) -> None:
+    """Publish the complete folder `tmp` as `final` without ever deleting `final` first: one rename when `final`
+    is new, an atomic swap when it exists (the old copy is deleted afterwards). Without the swap, `final` is
+    renamed to `final.old` first; `recover_dir` puts it back if a crash comes before the second rename."""
+    tmp, final = Path(tmp), Path(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return
+    if _exchange(tmp, final):
+        fsync_dir(final.parent)
+        shutil.rmtree(tmp)  # now the previous version
+        return
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old)
+
+
+def recover_dir(final) -> None:
+    """Clean up after a crash while writing `final`: drop an unpublished `final.tmp`, and put back `final.old`
+    when a crash between replace_dir's two renames left no `final` (else it is a leftover: drop it)."""
+    final = Path(final)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+            fsync_dir(final.parent)
+
+
+# ------------------------------------------------------------------------------ manifests (checksums)
+
+
+def _share(obj):
+    """Rank 0's `obj` on every rank (itself in a single process)."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj) -> list:
+    """Every rank's `obj`, in rank order (a collective)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's part of a list every rank holds: hashing a checkpoint is split across ranks."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return names[_rank()::world]
+
+
+def _digest(path: Path, fsync: bool = False) -> dict:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+        if fsync:  # while the file is open anyway: its bytes on disk before the step is published
+            os.fsync(f.fileno())
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _write_manifest(d: Path, step: int) -> None:
+    """Collective: hash (and fsync) every file of the written step `d`, split across ranks; rank 0 writes
+    manifest.json and fsyncs the folder tree. Call after every rank has finished writing into `d`."""
+    names = _share(_files(d) if _rank() == 0 else None)
+    digests = {}
+    for part in _gather({n: _digest(d / n, fsync=True) for n in _my_share(names)}):
+        digests.update(part)
+    if _rank() == 0:
+        manifest = {"step": int(step), "algorithm": "sha256", "files": {n: digests[n] for n in names}}
+        with open(d / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_tree(d)
+
+
+def _check_file(d: Path, name: str, want: dict) -> str | None:
+    path = d / name
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != want["size"]:
+        return f"{path}: {size} bytes, expected {want['size']} (truncated or overwritten)"
+    got = _digest(path)["sha256"]
+    if got != want["sha256"]:
+        return f"{path}: sha256 {got}, expected {want['sha256']}"
+    return None
+
+
+def _read_manifest(d: Path, step: int) -> tuple[dict | None, str | None]:
+    path = d / MANIFEST
+    if not path.is_file():
+        return None, f"{path}: missing (the save did not finish, or predates checksums)"
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return None, f"{path}: unreadable ({err})"
+    if manifest.get("step") != step:
+        return None, f"{path}: describes step {manifest.get('step')}, expected {step}"
+    return files, None
+
+
+def verify_step(ckpt_dir, step: int) -> list[str]:
+    """What is wrong with saved step `step` (empty: every file matches its manifest). Collective: each rank
+    checks its share of the files and every rank gets the same answer."""
+    d = _step_path(ckpt_dir, step)
+    if not d.is_dir():
+        return [f"{d}: missing"]
+    files, problem = _read_manifest(d, int(step))
+    mine = [problem] if problem and _rank() == 0 else []
+    if files is not None:
+        mine += [p for n in _my_share(sorted(files)) if (p := _check_file(d, n, files[n]))]
+    return sorted(p for part in _gather(mine) for p in part)
+
+
+def _usable_step(ckpt_dir) -> int | None:
+    """The newest step up to `latest` that passes `verify_step`, warning about each newer one that does not."""
+    latest = latest_step(ckpt_dir)
+    if latest is None:
+        return None
+    bad = []
+    for step in reversed([s for s in saved_steps(ckpt_dir) if s <= latest]):
+        problems = verify_step(ckpt_dir, step)
+        if not problems:
+            if bad:
+                _warn(f"{ckpt_dir}: falling back to step {step}, the newest complete one: " + "; ".join(bad))
+            return step
+        bad.append(f"step {step} is corrupt: " + "; ".join(problems))
+    raise CorruptCheckpointError(f"{ckpt_dir}: no usable checkpoint step: " + "; ".join(bad))
+
+
+# ------------------------------------------------------------------------------ trainer_state.pt
+
+
+def _tensors_only(obj):
+    """`obj` in types torch.load(weights_only=True) reads: numpy arrays become tagged tensors, numpy scalars
+    Python numbers (numpy's RNG state is a tuple holding an array)."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return {_NUMPY: torch.from_numpy(obj.copy())}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _tensors_only(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_tensors_only(v) for v in obj)
+    return obj
+
+
+def _numpy_back(obj):
+    if isinstance(obj, dict):
+        if set(obj) == {_NUMPY}:
+            return obj[_NUMPY].numpy()
+        return {k: _numpy_back(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_numpy_back(v) for v in obj)
+    return obj
+
+
+def _write_trainer_state(path: Path, state: dict) -> None:
+    """Save `state`, refusing (at save, not at resume) anything `torch.load(weights_only=True)` would reject."""
+    buf = io.BytesIO()
+    try:
+        torch.save(_tensors_only(state), buf)
+        torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle's message, or the line of torch's that names the offending type
+        why = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), str(err))
+        raise TypeError(f"{path}: the trainer state (scheduler state, `extra`) holds a type that "
+                        f"torch.load(weights_only=True) cannot read back; keep to tensors, numpy arrays, numbers, "
+                        f"strings and containers of them: {why}") from None
+    path.write_bytes(buf.getvalue())
+
+
+def _read_trainer_state(path: Path) -> dict:
+    return _numpy_back(torch.load(path, map_location="cpu", weights_only=True))
 
 
 # How the distributed optimizer writes its state. 'fully_reshardable' stores it in model space: one exp_avg /
@@ -225,8 +510,12 @@ def write_self_description(ckpt_dir, hf_config: dict, tokenizer_dir=None) -> Non
     root.mkdir(parents=True, exist_ok=True)
     _atomic_write(root / "hf_config.json", json.dumps(hf_config, indent=2))
     tok = root / "tokenizer"
+    recover_dir(tok)
     if tokenizer_dir is not None or not tok.is_dir():
-        tokenizer.load(tokenizer_dir).save(tok)
+        tmp = tok.with_name(tok.name + ".tmp")  # copied whole, then swapped in: never a half-copied tokenizer
+        tokenizer.load(tokenizer_dir).save(tmp)
+        fsync_tree(tmp)
+        replace_dir(tmp, tok)
 
 
 def save_checkpoint(ckpt_dir, step: int, model_chunks: list, optimizer=None, scheduler=None, extra: dict | None = None,
@@ -240,8 +529,8 @@ def save_checkpoint(ckpt_dir, step: int, model_chunks: list, optimizer=None, sch
     hf = hf_config or getattr(providers.unwrap(model_chunks)[0], "hf_config", None)
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("iter_*.tmp"):  # left by a killed save
-            shutil.rmtree(stale, ignore_errors=True)
+        for name in sorted({p.name.rsplit(".", 1)[0] for p in root.glob("iter_*.*")}):  # left by a killed save
+            recover_dir(root / name)
         tmp.mkdir()
         if hf is not None:
             write_self_description(root, hf, tokenizer_dir)
@@ -251,34 +540,47 @@ def save_checkpoint(ckpt_dir, step: int, model_chunks: list, optimizer=None, sch
     if _rank() == 0:
         state = {"step": int(step), "extra": extra or {},
                  "scheduler": scheduler.state_dict() if scheduler is not None else None}
-        torch.save(state, tmp / TRAINER_STATE)
+        _write_trainer_state(tmp / TRAINER_STATE, state)
     barrier()
+    _write_manifest(tmp, step)
     if _rank() == 0:
-        if final.exists():  # re-saving a step: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _publish(tmp, final)
         _atomic_write(root / LATEST, f"{int(step)}\n")
         if keep_last:
             for old in saved_steps(root)[:-keep_last]:
                 if old != step:
-                    shutil.rmtree(step_dir(root, old), ignore_errors=True)
+                    shutil.rmtree(_step_path(root, old), ignore_errors=True)
     barrier()
     return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """The step becomes visible (a seam of its own: the tests kill a save right before it)."""
+    replace_dir(tmp, final)
 
 
 def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, scheduler=None, step: int | None = None):
     """Load `step` (default: latest) into the given chunks/optimizer/scheduler, whatever layout saved it.
 
+    Every file is first checked against the step's manifest. Without `step`, a corrupt or incomplete latest step
+    falls back to the newest earlier one that is complete (a RuntimeWarning says which file was wrong and how);
+    CorruptCheckpointError when none is, or when an explicit `step` is corrupt.
+
     Returns (step, extra), or None when `ckpt_dir` holds no checkpoint yet (fresh start)."""
     from megatron.core import dist_checkpointing
 
     if step is None:
-        step = latest_step(ckpt_dir)
+        step = _usable_step(ckpt_dir)  # verified
         if step is None:
             return None
-    d = step_dir(ckpt_dir, step)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d}: no such checkpoint step (saved: {saved_steps(ckpt_dir)})")
+        d = _step_path(ckpt_dir, step)
+    else:
+        d = _step_path(ckpt_dir, step)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such checkpoint step (saved: {saved_steps(ckpt_dir)})")
+        problems = verify_step(ckpt_dir, step)
+        if problems:
+            raise CorruptCheckpointError(f"{d}: step {step} is corrupt: " + "; ".join(problems))
     saved_keys = list(dist_checkpointing.load_tensors_metadata(str(d))) if optimizer is not None else []
     if optimizer is not None and not any(k.startswith("optimizer.") for k in saved_keys):
         raise KeyError(f"{d}: checkpoint has no optimizer state (a model-only checkpoint, e.g. from `nrr convert`); "
@@ -300,7 +602,7 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, scheduler=None
             opt_sd = _to_regular_format(opt_sd, optimizer)
         with _adam_step_kept(optimizer):
             optimizer.load_state_dict(opt_sd)
-    state = torch.load(d / TRAINER_STATE, map_location="cpu", weights_only=False)
+    state = _read_trainer_state(d / TRAINER_STATE)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), state.get("extra", {})

@@ -8,13 +8,14 @@ checkpoint (SFT, KD, GRPO, rejection sampling, evaluation) and by `nrr convert`.
 The weight mapping itself lives in `recipes.megatron.hf_mapping`. A Megatron checkpoint loads at any TP/PP layout,
 so one process is enough for tiny models. The exported folder holds model.safetensors, config.json,
 generation_config.json and the model's own tokenizer files (with its chat template): transformers' `AutoModelForCausalLM` and vLLM
-load it as is.
+load it as is. An export is written beside its target and renamed into place when complete (`write_hf_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -54,18 +55,32 @@ def _hf_dtype(hf: dict) -> torch.dtype:
 
 
 def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config: dict, out, tokenizer_dir=None) -> Path:
-    """An HF model folder: model.safetensors, config.json, generation_config.json, tokenizer + chat template."""
+    """An HF model folder: model.safetensors, config.json, generation_config.json, tokenizer + chat template.
+
+    Written whole into `<out>.tmp` beside it, fsynced, then renamed into place (swapped with a previous export):
+    a crash mid-export leaves the previous export as it was and no partial folder at `out` (the next export
+    removes the `.tmp`). An existing `out` is replaced only when it is an HF model folder (or empty)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from recipes.megatron.checkpointing import fsync_tree, recover_dir, replace_dir
+
+    out = Path(os.path.abspath(out))  # "." or "x/.." have no name to put ".tmp" after
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise FileExistsError(f"{out}: exists and is not an HF model folder (no config.json); "
+                              "refusing to replace it with the export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out)  # a crashed export's leftovers
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir()
     dtype = _hf_dtype(hf_config)
     tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    _copy_tokenizer(tokenizer_dir, out)
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    _copy_tokenizer(tokenizer_dir, tmp)
+    fsync_tree(tmp)
+    replace_dir(tmp, out)
     return out
 
 
