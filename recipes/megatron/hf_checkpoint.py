@@ -64,7 +64,7 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config: dict, out, t
 
     from recipes.megatron.checkpointing import fsync_tree, recover_dir, replace_dir
 
-    out = Path(os.path.abspath(out))  # "." or "x/.." have no name to put ".tmp" after
+    given, out = Path(out), Path(os.path.abspath(out))  # "." or "x/.." have no name to put ".tmp" after
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise FileExistsError(f"{out}: exists and is not an HF model folder (no config.json); "
                               "refusing to replace it with the export")
@@ -81,7 +81,7 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config: dict, out, t
     _copy_tokenizer(tokenizer_dir, tmp)
     fsync_tree(tmp)
     replace_dir(tmp, out)
-    return out
+    return given
 
 
 def _check_tokenizer(hf: dict, tokenizer_dir, where: str) -> None:
