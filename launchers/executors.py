@@ -131,6 +131,13 @@ def _slurm_executor(task: StageTask, profile: SlurmProfile):
     if ray:
         # SlurmRay's script needs the head address; Curator then joins that cluster.
         env.update({"HEAD_NODE_ADDR": "$head_node_ip", "RAY_ADDRESS": "auto"})
+    # SIGTERM before the time limit, to every process of the job step (no "B:": the batch shell waits on srun in
+    # the foreground and would pass nothing on): torchrun forwards it and gives the ranks the grace before
+    # SIGKILL (its default is 30 s), launchers.entry forwards it, the ranks save and exit with 75. SIGTERM rather
+    # than SIGUSR1: preemption sends SIGTERM anyway, and every layer already passes it on.
+    grace = profile.signal_grace_s
+    if grace:
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace))
     executor = run.SlurmExecutor(
         account=profile.account,
         partition=profile.partition,
@@ -155,6 +162,11 @@ def _slurm_executor(task: StageTask, profile: SlurmProfile):
         # The code is in the image (or on the shared filesystem): nothing to package.
         packager=run.Packager(),
         torchrun_nproc_per_node=nproc_per_node(profile) if torchrun else None,
+        signal=f"TERM@{grace}" if grace else None,
+        additional_parameters={"requeue": True} if profile.requeue else None,
+        # NeMo-Run's sbatch script runs `scontrol requeue` after a non-zero exit while retries are left: a job
+        # stopped before its time limit (exit 75 from the ranks; torchrun reports 1) continues in a new allocation
+        retries=profile.max_requeues if profile.requeue else 0,
     )
     if torchrun:
         executor.launcher = "torchrun"

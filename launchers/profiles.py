@@ -64,6 +64,13 @@ class SlurmProfile:
     secret_env: list[str] = field(default_factory=lambda: list(DEFAULT_SECRET_ENV))
     setup_lines: list[str] = field(default_factory=list)
     srun_args: list[str] = field(default_factory=list)
+    # Preemption and the time limit: Slurm sends SIGTERM signal_grace_s seconds before the limit (as it does on
+    # preemption, SIGKILL following after the partition's GraceTime); training saves at the next step and exits
+    # with recipes.trainer.REQUEUE_EXIT_CODE. requeue: the job may be requeued (--requeue), and the sbatch script
+    # requeues it after a non-zero exit while it has max_requeues left; it resumes from its checkpoint.
+    signal_grace_s: int | None = 300  # None: no signal before the limit
+    requeue: bool = True
+    max_requeues: int = 3
     # How sbatch is reached: "local" (this machine is a login node) or "ssh".
     tunnel: Literal["local", "ssh"] = "local"
     ssh_host: str | None = None

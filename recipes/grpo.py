@@ -427,7 +427,8 @@ def train(cfg: GRPOConfig) -> dict:
     from recipes.metrics import MetricsLogger, model_flops_per_token, progress, throughput
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import start_engine
-    from recipes.trainer import build_model_and_optimizer, model_tokenizer
+    from recipes.trainer import (PREEMPTED, PreemptionFlag, build_model_and_optimizer, check_fingerprint,
+                                 drop_rows_after, model_tokenizer, preempted_exit, save_training_checkpoint)
 
     check_config(cfg)
     g = cfg.grpo
@@ -452,10 +453,14 @@ def train(cfg: GRPOConfig) -> dict:
     start = 0
     if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
         start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
+        check_fingerprint(cfg, ckpt_dir, start)
         runtime.set_rng_state(extra["rng"])
         runtime.print_rank0(f"[grpo] resumed from {ckpt_dir} at step {start}")
     if rank0:
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / PREEMPTED).unlink(missing_ok=True)
+        for name in ("metrics.jsonl", "rollouts.jsonl"):  # the steps after the checkpoint run again
+            drop_rows_after(run_dir / name, start)
         engine_dir = write_engine_dir(hf, run_dir / "engine", tokenizer)
     backend = start_engine(cfg.rollout, engine_dir, max_model_len=int(hf.get("max_position_embeddings", 512)),
                            seed=cfg.training.seed, in_process=runtime.world_size() == 1) if rank0 else None
@@ -472,7 +477,7 @@ def train(cfg: GRPOConfig) -> dict:
     done = start
     temperature = cfg.rollout.temperature  # the trainer scores the distribution the rollouts were sampled from
     same_shape = ps.get_pipeline_model_parallel_world_size() > 1
-    with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
+    with progress(disable=not (rank0 and cfg.logging.progress)) as bar, PreemptionFlag() as preempt:
         bar_task = bar.add_task("grpo", total=g.steps, completed=start, info="")
         for step in range(start, g.steps):
             # 1. rollouts on rank 0, shared with every rank
@@ -542,18 +547,23 @@ def train(cfg: GRPOConfig) -> dict:
                                                      f"acc {metrics['accuracy']:.2f}")
             if rank0 and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < g.steps:
                 logger.log(done, heldout_accuracy(backend, tokenizer, cfg.eval, cfg.rollout.max_tokens), prefix="eval/")
-            if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < g.steps:
-                checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
-                                              extra={"rng": runtime.rng_state(), "prompt_step": done},
-                                              keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer.folder)
+            periodic = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0
+            signum = preempt.requested() if done < g.steps else 0  # the last step goes on to the final save
+            if (periodic or signum) and done < g.steps:
+                save_training_checkpoint(cfg, ckpt_dir, done, chunks, optimizer, scheduler,
+                                         {"rng": runtime.rng_state(), "prompt_step": done}, tokenizer.folder)
+            if signum:
+                if rank0:
+                    logger.close()
+                    backend.close()
+                raise preempted_exit(run_dir, done, signum)
             if g.max_minutes and _out_of_time(t_run, g.max_minutes):
                 runtime.print_rank0(f"[grpo] time budget of {g.max_minutes} min reached after step {done}")
                 break
     summary.update(train_seconds=round(time.time() - t_run, 1), steps_done=done)
     if done > start or checkpointing.latest_step(ckpt_dir) != done:
-        checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
-                                      extra={"rng": runtime.rng_state(), "prompt_step": done},
-                                      keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer.folder)
+        save_training_checkpoint(cfg, ckpt_dir, done, chunks, optimizer, scheduler,
+                                 {"rng": runtime.rng_state(), "prompt_step": done}, tokenizer.folder)
     if rank0:
         summary["eval_after"] = heldout_accuracy(backend, tokenizer, cfg.eval, cfg.rollout.max_tokens)
         logger.log(done, summary["eval_after"], prefix="eval/")

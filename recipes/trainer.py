@@ -8,6 +8,11 @@ Data flow of `train`: read the chat corpus -> tokenize with an assistant-only lo
 AdamW (megatron-core optimizer, warmup + cosine) over global batches -> checkpoints (model, optimizer,
 scheduler, data position, RNG) -> a Hugging Face export in `<output_dir>/hf`.
 
+Preemption: SIGTERM / SIGUSR1 stop the loop at the next step boundary (every rank after the same step), which is
+saved before the process exits with REQUEUE_EXIT_CODE (75); rerunning the command resumes there. Each checkpoint
+step carries the config's fingerprint, which a resume must match (checkpoint.allow_config_change overrides), and
+metrics.jsonl loses the rows of the steps a resume runs again.
+
 `run_stage` is the one entry point: load the typed config, check it, and run in this process when
 tp*pp*dp == 1, else re-launch the stage's module under `torch.distributed.run` with tp*pp*dp processes.
 """
@@ -15,8 +20,11 @@ tp*pp*dp == 1, else re-launch the stage's module under `torch.distributed.run` w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -136,6 +144,8 @@ class CheckpointConfig:
     every_steps: int = 750  # 0: only the final checkpoint
     keep_last: int = 2
     resume: bool = True  # continue from the latest checkpoint in output_dir/checkpoints
+    # resume even though the config's computation-changing values differ from the checkpoint's (config_fingerprint)
+    allow_config_change: bool = False
 
 
 @dataclasses.dataclass
@@ -291,6 +301,171 @@ def build_model_and_optimizer(cfg, steps: int):
     return hf, chunks, optimizer, scheduler
 
 
+# ------------------------------------------------------------------------------ preemption and resume bookkeeping
+
+# The exit code of a run stopped by SIGTERM / SIGUSR1 once its checkpoint is saved: sysexits' EX_TEMPFAIL ("try
+# again later"). The same command then resumes from that step. Slurm requeues the job (launchers/executors.py:
+# --requeue for preemption, the sbatch script's `scontrol requeue` for a non-zero exit before the time limit).
+REQUEUE_EXIT_CODE = 75
+PREEMPTED = "preempted.json"  # in output_dir: the step saved on a signal (rank 0), read by `launch`
+FINGERPRINT = "config_fingerprint.json"  # in each checkpoint step folder: the config that computed it
+
+# What a resume may change: where the run writes and how it logs, validates and checkpoints; the parallel layout
+# (checkpoints reshard); threads and the rollout engine's memory settings; and the run's length (the LR schedule
+# is restored from the checkpoint, so a longer run continues it). Everything else changes the computation.
+RESUMABLE_CHANGES = ("output_dir", "parallel", "checkpoint", "logging", "validation", "eval", "export_hf", "mode",
+                     "rejection", "training.threads", "training.max_steps", "training.epochs", "grpo.steps",
+                     "grpo.max_minutes", "rollout.kv_cache_mb", "rollout.gpu_memory_utilization",
+                     "rollout.refit_bucket_mb", "rollout.cpu_threads", "rollout.colocated_sleep",
+                     "rollout.enforce_eager", "rollout.tensor_parallel_size")
+
+
+class Preempted(Exception):
+    """Raised out of a training loop once the checkpoint of `step` is saved after SIGTERM / SIGUSR1."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after saving step {step}")
+        self.step, self.signum = step, signum
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 only set a flag (the handler may run in the middle of a collective); `requested()` at a
+    step boundary all-reduces it, so every TP/PP/DP rank stops after the same step even when only some of them
+    got the signal. Use as a context manager: the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, signal.SIG_IGN)
+        _start_checkpoint_helper()  # inherits the ignored signals
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def requested(self) -> int:
+        """The signal some rank received (0: none); a collective over the whole world."""
+        import torch
+
+        from recipes.megatron import runtime
+
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=runtime.device())
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return self.signum
+
+
+def _start_checkpoint_helper() -> None:
+    """megatron's checkpoint writer reports through a multiprocessing Manager it spawns at the first save. A
+    scheduler signals every process of the job: spawned while SIGTERM / SIGUSR1 are ignored, it survives them
+    and the save they ask for can still run."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    getter = getattr(filesystem_async, "_get_write_results_queue", None)
+    if getter is not None:
+        getter()
+
+
+def preempted_exit(run_dir: Path, step: int, signum: int) -> Preempted:
+    """Rank 0 records the preemption for the launcher (torchrun does not hand on the ranks' exit code)."""
+    from recipes.megatron import runtime
+
+    if runtime.rank() == 0:
+        _atomic_write(run_dir / PREEMPTED, json.dumps({"step": step, "signal": signal.Signals(signum).name,
+                                                       "exit_code": REQUEUE_EXIT_CODE}))
+    runtime.print_rank0(f"[preempted] {signal.Signals(signum).name}: checkpoint of step {step} saved; exiting with "
+                        f"{REQUEUE_EXIT_CODE} (rerun the command to resume)")
+    return Preempted(step, signum)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the JSONL rows of steps 1..`step` (what the checkpoint of `step` holds): the steps after it run again
+    and append their rows anew (a run from scratch, step 0, logs everything again: its step-0 rows too).
+    Rewritten whole and swapped in, so a kill leaves the old file or the new one."""
+    if not path.is_file():
+        return
+    def step_of(line: str) -> int:
+        try:
+            return int(json.loads(line).get("step", 0))
+        except ValueError:  # a row cut short by a kill
+            return -1
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if 0 < step_of(line) <= step]
+    if len(kept) != len(lines):
+        _atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def config_fingerprint(cfg) -> dict:
+    """The config's values that change the computation, flattened to dotted keys (see RESUMABLE_CHANGES)."""
+    def flatten(obj, prefix=""):
+        for key, value in obj.items():
+            full = f"{prefix}{key}"
+            if full in RESUMABLE_CHANGES:
+                continue
+            if isinstance(value, dict) and value:
+                yield from flatten(value, full + ".")
+            else:
+                yield full, json.loads(json.dumps(value, default=str))
+
+    values = dict(flatten(dataclasses.asdict(cfg)))
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "config": values}
+
+
+def save_training_checkpoint(cfg, ckpt_dir: Path, step: int, chunks, optimizer, scheduler, extra: dict,
+                             tokenizer_dir) -> None:
+    """A checkpoint (collective), then its config fingerprint beside it (rank 0)."""
+    from recipes.megatron import checkpointing, runtime
+
+    folder = checkpointing.save_checkpoint(ckpt_dir, step, chunks, optimizer, scheduler, extra=extra,
+                                           keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer_dir)
+    if runtime.rank() == 0:
+        _atomic_write(folder / FINGERPRINT, json.dumps({"step": step, **config_fingerprint(cfg)}, indent=1))
+
+
+def check_fingerprint(cfg, ckpt_dir: Path, step: int) -> None:
+    """Resuming under a config that computes differently is an error naming each changed key (old -> new), unless
+    checkpoint.allow_config_change=true. A step saved without a fingerprint (older runs) is not checked."""
+    from recipes.megatron import checkpointing, runtime
+
+    path = checkpointing.step_dir(ckpt_dir, step) / FINGERPRINT
+    if not path.is_file():
+        runtime.print_rank0(f"[resume] {path} is missing: the config is not compared with the checkpoint's")
+        return
+    saved, now = json.loads(path.read_text())["config"], config_fingerprint(cfg)["config"]
+    changed = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+               for k in sorted(saved.keys() | now.keys()) if saved.get(k, "(unset)") != now.get(k, "(unset)")]
+    if not changed:
+        return
+    if not cfg.checkpoint.allow_config_change:
+        raise ConfigError(f"{path}: step {step} was trained under another config: " + "; ".join(changed)
+                          + ". Resume with the checkpoint's values, or set checkpoint.allow_config_change=true to "
+                          "continue under the new ones (or checkpoint.resume=false / a new output_dir)")
+    runtime.print_rank0(f"[resume] checkpoint.allow_config_change: continuing step {step} under changed config: "
+                        + "; ".join(changed))
+
+
 # ------------------------------------------------------------------------------ the loop
 
 
@@ -375,6 +550,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
             raise ConfigError(f"{ckpt_dir}: step {start} consumed {extra.get('consumed_rows')} rows but this config "
                               f"gives {start * rows_per_step}: resume with the same batch settings, or set "
                               "checkpoint.resume=false / a new output_dir")
+        check_fingerprint(cfg, ckpt_dir, start)
         runtime.set_rng_state(extra["rng"])
         runtime.print_rank0(f"[{stage}] resumed from {ckpt_dir} at step {start}")
     elif cfg.model.init_checkpoint:
@@ -385,6 +561,10 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mbs = cfg.training.micro_batch_size
     last_pp_first_tp = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
+    if last_pp_first_tp:  # the steps after the checkpoint run again: their rows are written again
+        drop_rows_after(run_dir / "metrics.jsonl", start)
+    if rank0:
+        (run_dir / PREEMPTED).unlink(missing_ok=True)
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, enabled=last_pp_first_tp)
     if rank0:
         runtime.print_rank0(f"[{stage}] {data.stats['examples']} examples -> {len(data.train_rows)} rows of "
@@ -397,7 +577,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     hooks = (loss_fn, prepare_batches, extra_metrics)
     report = {"loss": float("nan")}
     t_start = time.time()
-    with progress(disable=not (rank0 and cfg.logging.progress)) as bar:
+    with progress(disable=not (rank0 and cfg.logging.progress)) as bar, PreemptionFlag() as preempt:
         task = bar.add_task(stage, total=steps, completed=start, info="")
         for step in range(start, steps):
             t0 = time.time()
@@ -427,16 +607,20 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
             if cfg.validation.every_steps and done % cfg.validation.every_steps == 0 and done < steps \
                     and data.valid_rows:
                 logger.log(done, evaluate(chunks, data.valid_rows, cfg, *hooks), prefix="valid/")
-            if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < steps:
-                checkpointing.save_checkpoint(ckpt_dir, done, chunks, optimizer, scheduler,
-                                              extra={"rng": runtime.rng_state(),
-                                                     "consumed_rows": done * rows_per_step},
-                                              keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer.folder)
+            periodic = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0
+            signum = preempt.requested() if done < steps else 0  # the last step goes on to the final save
+            if (periodic or signum) and done < steps:
+                save_training_checkpoint(cfg, ckpt_dir, done, chunks, optimizer, scheduler,
+                                         {"rng": runtime.rng_state(), "consumed_rows": done * rows_per_step},
+                                         tokenizer.folder)
+            if signum:
+                logger.close()
+                raise preempted_exit(run_dir, done, signum)
     elapsed = time.time() - t_start
     if start < steps or checkpointing.latest_step(ckpt_dir) != steps:
-        checkpointing.save_checkpoint(ckpt_dir, steps, chunks, optimizer, scheduler,
-                                      extra={"rng": runtime.rng_state(), "consumed_rows": steps * rows_per_step},
-                                      keep_last=cfg.checkpoint.keep_last, tokenizer_dir=tokenizer.folder)
+        save_training_checkpoint(cfg, ckpt_dir, steps, chunks, optimizer, scheduler,
+                                 {"rng": runtime.rng_state(), "consumed_rows": steps * rows_per_step},
+                                 tokenizer.folder)
     summary.update(final_loss=report["loss"], train_seconds=round(elapsed, 2))
     if data.valid_rows:
         valid = evaluate(chunks, data.valid_rows, cfg, *hooks)
@@ -460,33 +644,60 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
 # ------------------------------------------------------------------------------ entry
 
 
-def launch(module: str, cfg_world: int, nodes: int, config: str | None, overrides: list[str]) -> int:
-    """Re-launch `python -m module` under torch.distributed.run with one process per rank of this node."""
+def launch(module: str, cfg_world: int, nodes: int, config: str | None, overrides: list[str],
+           run_dir: str | None = None) -> int:
+    """Re-launch `python -m module` under torch.distributed.run with one process per rank of this node.
+
+    SIGTERM / SIGUSR1 (and SIGINT, SIGHUP) sent to this process are passed to torchrun, which passes them to the
+    ranks (SIGTERM / SIGUSR1: they save a checkpoint, `PreemptionFlag`) and waits for them. torchrun's own exit
+    code is 1 whatever the ranks returned: a run stopped that way is recognised by the marker rank 0 wrote into
+    `run_dir`."""
     import subprocess
 
     if nodes > 1:
         raise ConfigError(f"parallel.nodes={nodes}: start one `python -m torch.distributed.run --nnodes {nodes} "
                           f"... -m {module}` per node (nrr launch / Slurm does this)")
+    # torchrun forwards SIGUSR1 too (by default it dies of it, leaving the ranks behind), and grants the ranks
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after a signal before it kills them (torch's default, 30, is shorter
+    # than a large checkpoint's save)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg_world}",
-           "-m", module]
+           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", module]
     cmd += (["--config", config] if config else []) + list(overrides)
     # the ranks share this node's cores: their idle OpenMP threads sleep rather than spin for each other
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    return subprocess.call(cmd, env=env)
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")}
+    started = time.time()
+    # torchrun in a session of its own, this process passing on each signal once: a second SIGTERM reaching
+    # torchrun while it waits for the ranks to save would make it give up on them
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+                for sig in (signal.SIGINT, signal.SIGHUP, *PreemptionFlag.SIGNALS)}
+    try:
+        rc = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    marker = Path(run_dir) / PREEMPTED if run_dir else None
+    if rc != 0 and marker is not None and marker.is_file() and marker.stat().st_mtime >= started:
+        return REQUEUE_EXIT_CODE
+    return rc
 
 
 def run_stage(module: str, cfg_cls: type, config: str | None, overrides: list[str], check: Callable,
               run: Callable, distributed: Callable = lambda cfg: True) -> int:
     """A training stage's command line: load and check its config, then run it here (one rank) or re-launch
     `python -m module` with one process per rank. `distributed(cfg)` False runs in this process whatever the
-    layout (GRPO's rejection sampling)."""
+    layout (GRPO's rejection sampling). A run stopped by SIGTERM / SIGUSR1 returns REQUEUE_EXIT_CODE."""
     from recipes.megatron import runtime
 
     runtime.quiet_cpu_warnings()
     cfg = load_config(cfg_cls, resolve_path(config) if config else None, overrides)
     check(cfg)
     if distributed(cfg) and world_size(cfg) > 1 and "RANK" not in os.environ:
-        return launch(module, world_size(cfg), cfg.parallel.nodes, config, overrides)
-    run(cfg)
+        return launch(module, world_size(cfg), cfg.parallel.nodes, config, overrides, cfg.output_dir)
+    try:
+        run(cfg)
+    except Preempted:
+        return REQUEUE_EXIT_CODE
     return 0

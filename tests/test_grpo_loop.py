@@ -115,7 +115,7 @@ def test_rejection_sampling_keeps_verified_distinct_responses():
     assert rec["provenance"]["policy"] == "ckpt" and rec["problem_id"] == p.id
 
 
-def _grpo(run_dir, *overrides):
+def _grpo(run_dir, *overrides, sigterm_before_step=None, expect_rc=0):
     # random init: length and language rewards still differ inside a group, so updates are real
     args = [f"output_dir={run_dir}", "model.init_checkpoint=null", "grpo.prompts_per_step=4", "grpo.group_size=4",
             "grpo.micro_batch_size=8", "grpo.minibatches=2", "rollout.max_tokens=24",
@@ -124,9 +124,13 @@ def _grpo(run_dir, *overrides):
             "eval.every_steps=0", "logging.progress=false", "training.lr=1.0e-3", "training.min_lr=1.0e-3",
             "checkpoint.every_steps=1", "checkpoint.keep_last=3", "loss.kl_coef=0.05", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run([sys.executable, "-m", "recipes.grpo", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    cmd = [sys.executable, "-m", "recipes.grpo"] if sigterm_before_step is None else \
+        [sys.executable, str(ROOT / "tests" / "grpo_scripts" / "run_grpo.py"), "--sigterm-before-step",
+         str(sigterm_before_step)]
+    proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect_rc, proc.stderr[-4000:]
+    if expect_rc:
+        return proc
     return [r for r in read_metrics(run_dir) if "reward/mean" in r]
 
 
@@ -151,10 +155,20 @@ def test_loop_runs_and_resume_replays_exactly(tmp_path):
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert set(summary["eval_after"]) == {"L3", "L4", "mean"}
 
-    # stop after 2 steps ... then continue to 3 from the step-2 checkpoint
+    # SIGTERM during step 2 (no periodic checkpoints): step 2 is saved, the exit code asks for a requeue ...
+    from recipes.megatron import checkpointing
+    from recipes.trainer import REQUEUE_EXIT_CODE
+
     part = tmp_path / "part"
-    _grpo(part, "grpo.steps=2")
+    _grpo(part, "grpo.steps=3", "checkpoint.every_steps=0", sigterm_before_step=1, expect_rc=REQUEUE_EXIT_CODE)
+    assert [r["step"] for r in read_metrics(part) if "reward/mean" in r] == [1, 2]
+    assert checkpointing.saved_steps(part / "checkpoints") == [2] and not (part / "summary.json").exists()
+    # ... a changed loss is refused on resume, naming the key ...
+    proc = _grpo(part, "grpo.steps=3", "loss.kl_coef=0.1", expect_rc=2)
+    assert "another config: loss.kl_coef: 0.05 -> 0.1. Resume" in proc.stderr, proc.stderr[-3000:]
+    # ... the same command resumes at step 3, replaying the uninterrupted run, one metrics row per step
     resumed = _grpo(part, "grpo.steps=3")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
     last = resumed[-1]
     assert last["step"] == 3
     for key in ("reward/mean", "response_len/mean", "loss", "kl", "grad_norm"):

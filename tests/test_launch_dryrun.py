@@ -47,8 +47,11 @@ def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
     script = out[out.index("#!/bin/bash"):]
     for line in ["#SBATCH --account=llm", "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=batch", "#SBATCH --time=04:00:00",
-                 "#SBATCH --exclusive"]:
+                 "#SBATCH --exclusive", "#SBATCH --requeue", "#SBATCH --signal=TERM@300"]:
         assert line in script, line
+    # torchrun grants the ranks the grace to save; a non-zero exit (a save on SIGTERM) requeues the job
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in script and "export TORCHX_MAX_RETRIES=3" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
     srun = next(line for line in script.splitlines() if line.startswith("srun ") and "torchrun" in line)
     # pyxis: image, mounts, secrets by NAME only
     assert "--container-image nvcr.io/example/nemo-reasoning-recipes:25.10" in srun

@@ -1,7 +1,10 @@
 """End-to-end SFT / KD runs of the tiny student on CPU, each in its own processes (as `nrr` runs them).
 
 - packed and padded batches of the same examples give the same loss and gradients;
-- a run SIGKILLed mid-way and resumed ends with weights bit-identical to an uninterrupted run;
+- a run SIGKILLed mid-way and resumed ends with weights bit-identical to an uninterrupted run, one metrics row a step;
+- SIGTERM at TP=2 (two processes under torchrun): every rank stops after the same step, saves it, exits with the
+  requeue code; the rerun resumes and ends bit-identical to an uninterrupted TP=2 run;
+- resuming under a config that computes differently is an error naming the key, unless explicitly allowed;
 - TP=2 over two processes (torchrun) matches the TP=1 run step for step;
 - logit KD of a model into itself has zero KL; into a fresh student it trains, at TP=1 and TP=2 alike.
 """
@@ -34,8 +37,20 @@ def _run(cmd, timeout=180, expect_rc=0):
 
 
 def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in _train_rows(run_dir)}
+
+
+def _train_rows(run_dir):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [r for r in rows if "loss" in r]
+
+
+def _same_weights(run_a, run_b):
+    a, b = _weights(run_a), _weights(run_b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype
+        assert (a[name] == b[name]).all(), f"{name} differs after resume"
 
 
 def _weights(run_dir):
@@ -48,6 +63,13 @@ def _weights(run_dir):
 def tp1_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sft") / "tp1"
     _run([PY, SCRIPTS / "run_sft.py", f"output_dir={run}", *TINY])
+    return run
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("sft") / "tp2"
+    _run([PY, "-m", "recipes.cli", "sft", f"output_dir={run}", "parallel.tp=2", *TINY], timeout=300)
     return run
 
 
@@ -75,20 +97,61 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, tp1
     assert rc == -9, (run / "killed.log").read_text()[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "2"  # step 3 ran but was never saved
     assert not (run / "hf").exists()
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3]
     _run([PY, SCRIPTS / "run_sft.py", f"output_dir={run}", *TINY])
     assert json.loads((run / "summary.json").read_text())["start_step"] == 2
-    a, b = _weights(tp1_run), _weights(run)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype
-        assert (a[name] == b[name]).all(), f"{name} differs after resume"
+    _same_weights(tp1_run, run)
     assert _losses(run)[6] == _losses(tp1_run)[6]
+    # step 3's row of the killed run was dropped on resume: one row per step, the rerun's
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert _losses(run)[3] == _losses(tp1_run)[3]
 
 
 @pytest.mark.slow
-def test_two_process_tp2_run_matches_tp1(tmp_path, tp1_run):
-    run = tmp_path / "tp2"
+def test_sigterm_at_tp2_saves_the_step_exits_for_requeue_and_resumes_identically(tmp_path, tp2_run):
+    from recipes.megatron import checkpointing
+    from recipes.trainer import FINGERPRINT, PREEMPTED, REQUEUE_EXIT_CODE
+
+    run = tmp_path / "preempted"
+    # rank 0 signals the launched process group (torchrun and both ranks) right before step 3 of 6 (index 2)
+    cmd = [PY, SCRIPTS / "run_sft.py", "--sigterm-before-step", "2", f"output_dir={run}", "parallel.tp=2", *TINY]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-5000:]
+    # both ranks finished step 3 and saved it (checkpoint.every_steps=2 alone saves steps 2, 4, 6)
+    assert json.loads((run / PREEMPTED).read_text())["step"] == 3
+    assert checkpointing.saved_steps(run / "checkpoints") == [2, 3]
+    assert checkpointing.verify_step(run / "checkpoints", 3) == []
+    assert (checkpointing.step_dir(run / "checkpoints", 3) / FINGERPRINT).is_file()
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3] and not (run / "hf").exists()
     _run([PY, "-m", "recipes.cli", "sft", f"output_dir={run}", "parallel.tp=2", *TINY], timeout=300)
+    assert json.loads((run / "summary.json").read_text())["start_step"] == 3
+    assert not (run / PREEMPTED).exists()
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert _losses(run) == _losses(tp2_run)
+    _same_weights(tp2_run, run)
+
+
+@pytest.mark.slow
+def test_resume_under_a_changed_config_names_the_key_unless_allowed(tmp_path, tp1_run):
+    import shutil
+
+    run = tmp_path / "changed"
+    shutil.copytree(tp1_run, run)
+    sft = [PY, "-m", "recipes.sft", f"output_dir={run}", *TINY, "training.max_steps=7"]
+    # a longer run is allowed (so is another layout: checkpoints reshard); another learning rate is not
+    proc = _run([*sft, "training.lr=0.002"], expect_rc=2)
+    changed = proc.stderr.split("another config: ", 1)[1].split(". Resume", 1)[0]
+    assert changed == "training.lr: 0.003 -> 0.002", proc.stderr[-3000:]
+    assert "checkpoint.allow_config_change=true" in proc.stderr
+    _run([*sft, "training.lr=0.002", "checkpoint.allow_config_change=true"])
+    assert json.loads((run / "summary.json").read_text())["start_step"] == 6
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.slow
+def test_two_process_tp2_run_matches_tp1(tp1_run, tp2_run):
+    run = tp2_run
     tp1, tp2 = _losses(tp1_run), _losses(run)
     assert sorted(tp2) == list(range(1, 7))
     assert abs(tp1[1] - tp2[1]) < 1e-5  # same init, same batch
