@@ -38,13 +38,12 @@ from nemo_curator.stages.resources import Resources
 from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.config import TeacherRequestConfig
-from curator_pipelines.records import log_stage, record_id
+from curator_pipelines.records import FAILURES, log_stage, record_id
 from recipes.response_format import THINK_CLOSE, THINK_OPEN, format_response
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 AUTH_STATUS = {401, 403}
 NOT_ASKED = "not_asked"  # the error class of requests never sent (the run stopped at an auth error)
-FAILURES = "nrr_generation_failures"  # the failure summary, in the batch metadata (the report reads it)
 # where reasoning endpoints put the thinking: the DeepSeek API and older vLLM, then newer vLLM
 REASONING_FIELDS = ("reasoning_content", "reasoning")
 

@@ -13,6 +13,9 @@ import time
 
 import pandas as pd
 
+# the generate stage's failure summary, in the batch metadata (the report reads it)
+FAILURES = "nrr_generation_failures"
+
 # the per-stage counts travel with the batch in task._metadata[STAGE_LOG]
 STAGE_LOG = "nrr_stage_log"
 

@@ -16,7 +16,7 @@ from nemo_curator.stages.resources import Resources
 from nemo_curator.tasks import DocumentBatch
 
 from curator_pipelines.decontam import MATCHES
-from curator_pipelines.generate import FAILURES
+from curator_pipelines.records import FAILURES
 from curator_pipelines.records import STAGE_LOG
 
 REPORT_JSON = "report.json"
