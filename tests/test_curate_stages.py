@@ -22,7 +22,7 @@ from curator_pipelines.select import select, think_off_positions
 from curator_pipelines.write import corpus_record, write_outputs
 from recipes import task
 from recipes.config import load_config
-from recipes.teacher.server import FaultConfig, TeacherServerConfig, TeacherServer
+from recipes.teacher.server import FaultConfig, TeacherServer, TeacherServerConfig, fault_counts
 from recipes.teacher.traces import DefectRates, TraceConfig
 
 TEACHER_YAML = Path(__file__).resolve().parents[1] / "nemo_configs/teacher/embedded.yaml"
@@ -145,15 +145,6 @@ def test_retries_running_out_give_explicit_failure_records(tmp_path):
     assert df["kept"].all()
 
 
-def _faults_logged(log: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for line in log.read_text().splitlines():
-        fault = json.loads(line).get("fault")
-        if fault:
-            counts[fault] = counts.get(fault, 0) + 1
-    return counts
-
-
 def test_failure_budget_fails_above_it_with_counts_by_class_and_reports_below_it(tmp_path):
     """No retries, half the requests answered 500: above a 10 % budget the stage fails naming the counts (also in
     report.json / report.md); with a 90 % budget the same failures are reported and the run goes on."""
@@ -170,7 +161,7 @@ def test_failure_budget_fails_above_it_with_counts_by_class_and_reports_below_it
                     _generate(cfg, problems, out / "gen.jsonl")
             else:
                 df = _generate(cfg, problems, out / "gen.jsonl")
-        n_500 = _faults_logged(out / "log.jsonl")["500"]
+        n_500 = fault_counts(out / "log.jsonl")["500"]
         assert 4 < n_500 < 36  # above 10 %, below 90 %: the test exercises both sides
         if run == "above":
             assert f"generation failed for {n_500} of 40 requests" in str(err.value)
@@ -191,7 +182,7 @@ def test_malformed_json_is_its_own_error_class_retried_and_every_request_account
     with TeacherServer(TeacherServerConfig(faults=faults, log_path=str(log))) as server:
         cfg = TeacherRequestConfig(base_url=server.base_url, n_samples=2, max_retries=0, max_failed_fraction=1.0)
         df = _generate(cfg, problems, tmp_path / "once.jsonl")
-        n_bad = _faults_logged(log)["malformed_json"]
+        n_bad = fault_counts(log)["malformed_json"]
         assert n_bad > 0 and len(df) == 40
         assert df.loc[~df["kept"], "gen_error_class"].tolist() == ["malformed_json"] * n_bad
         assert df.loc[~df["kept"], "gen_error"].str.startswith("malformed JSON").all()
@@ -467,7 +458,7 @@ def test_nrr_curate_stops_at_the_first_401_naming_endpoint_and_key_variable_neve
     assert r.returncode == 1, r.stderr[-3000:]
     assert "refused the request with HTTP 401" in r.stderr and "$NRR_TEST_CLIENT_KEY" in r.stderr
     assert "the endpoint http://127.0.0.1:" in r.stderr
-    n_401 = _faults_logged(out / "teacher_log.jsonl")["401"]
+    n_401 = fault_counts(out / "teacher_log.jsonl")["401"]
     assert 1 <= n_401 <= 4  # the first refusal stops every request not yet sent
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed"

@@ -14,7 +14,7 @@ from recipes.evaluation import run_eval
 from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig
 from recipes.evaluation.runner import GenerationBudgetError
 from recipes.generation.openai_endpoint import EndpointAuthError
-from recipes.teacher.server import FaultConfig, TeacherServer, TeacherServerConfig
+from recipes.teacher.server import FaultConfig, TeacherServer, TeacherServerConfig, fault_counts
 from recipes.tokenizer import EMBEDDED_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,15 +25,6 @@ def _cfg(out: Path, base_url: str, **generation) -> EvalConfig:
                            max_concurrency=4, request_timeout=10.0, **generation)
     return EvalConfig(model="nrr-embedded-teacher", output_dir=str(out), report=False, progress=False,
                       benchmarks=[BenchmarkConfig(name="embedded", levels=[1], n_per_level=8)], generation=gen)
-
-
-def _faults(log: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for line in log.read_text().splitlines():
-        fault = json.loads(line).get("fault")
-        if fault:
-            counts[fault] = counts.get(fault, 0) + 1
-    return counts
 
 
 def test_a_key_variable_that_is_not_set_is_an_error_naming_it_and_null_means_no_key(tmp_path, monkeypatch):
@@ -66,7 +57,7 @@ def test_a_refused_key_stops_the_run_naming_endpoint_and_variable_never_the_key(
     message = str(err.value)
     assert f"the endpoint {server.base_url} refused the request with HTTP 401" in message
     assert "$NRR_TEST_EVAL_KEY" in message and "sk-eval" not in message
-    assert 1 <= _faults(log)["401"] <= 4  # the requests in flight (max_concurrency), not all 8
+    assert 1 <= fault_counts(log)["401"] <= 4  # the requests in flight (max_concurrency), not all 8
     for f in (tmp_path / "out").rglob("*"):
         if f.is_file():
             assert "sk-eval" not in f.read_text(errors="replace")
@@ -93,5 +84,5 @@ def test_failures_above_the_budget_fail_with_counts_by_class_below_it_are_report
                 assert summary["status"] == "ok"
         failures = summary["benchmarks"]["embedded"]["generation_failures"]
         assert failures["by_class"] == {"malformed_json": 8} and failures["failed"] == 8
-        assert _faults(log)["malformed_json"] == 8 * 3  # retried: 2 retries after the first attempt
+        assert fault_counts(log)["malformed_json"] == 8 * 3  # retried: 2 retries after the first attempt
         assert (tmp_path / run / "embedded.jsonl").read_text() == ""  # nothing written: the next run asks again

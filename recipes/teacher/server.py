@@ -42,6 +42,16 @@ class FaultConfig:
     seed: int = 0
 
 
+def fault_counts(log_path: str | Path) -> dict[str, int]:
+    """Faults injected, by kind ("429", "500", "hang", "malformed_json", "401"), from a server's request log."""
+    counts: dict[str, int] = {}
+    for line in Path(log_path).read_text(encoding="utf-8").splitlines():
+        fault = json.loads(line).get("fault")
+        if fault:
+            counts[fault] = counts.get(fault, 0) + 1
+    return counts
+
+
 @dataclasses.dataclass
 class TeacherServerConfig:
     host: str = "127.0.0.1"
