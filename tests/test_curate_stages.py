@@ -407,20 +407,6 @@ def test_think_off_interleave_and_written_records(tmp_path):
     assert {r["reason"] for r in rejected} == {"wrong_answer", "over_max_per_problem"}
 
 
-def test_secret_env_never_in_config_dump(tmp_path):
-    """The config names the env var; the resolved config written next to the outputs holds no key."""
-    from recipes.config import save_config
-    from curator_pipelines.config import CurateConfig
-
-    os.environ["NRR_TEST_KEY_2"] = "sk-another-secret"
-    try:
-        cfg = CurateConfig(generation=TeacherRequestConfig(api_key_env="NRR_TEST_KEY_2"))
-        text = save_config(cfg, tmp_path / "c.yaml").read_text()
-        assert "NRR_TEST_KEY_2" in text and "sk-another-secret" not in text
-    finally:
-        del os.environ["NRR_TEST_KEY_2"]
-
-
 def test_nrr_curate_names_file_and_line_of_a_bad_record(tmp_path):
     import subprocess
     import sys
