@@ -108,6 +108,18 @@ def build_executor(task: StageTask, profile: Profile):
     raise TypeError(f"unsupported profile {type(profile).__name__}")
 
 
+def slurm_seconds(time: str) -> int:
+    """Seconds of a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    days, _, rest = time.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))  # D-HH[:MM[:SS]]
+        h, m, s = parts
+    else:
+        h, m, s = ([0] + parts if len(parts) == 2 else [0, parts[0], 0] if len(parts) == 1 else parts)
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
 def _slurm_executor(task: StageTask, profile: SlurmProfile):
     import nemo_run as run
     from nemo_run.core.execution.launcher import SlurmRay
@@ -136,6 +148,11 @@ def _slurm_executor(task: StageTask, profile: SlurmProfile):
     # SIGKILL (its default is 30 s), launchers.entry forwards it, the ranks save and exit with 75. SIGTERM rather
     # than SIGUSR1: preemption sends SIGTERM anyway, and every layer already passes it on.
     grace = profile.signal_grace_s
+    if grace and profile.time and grace >= slurm_seconds(profile.time):
+        from recipes.config import ConfigError
+
+        raise ConfigError(f"executor profile: signal_grace_s={grace} is not below time={profile.time}: Slurm would "
+                          "signal the job as it starts (lower signal_grace_s, or null for no signal)")
     if grace:
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace))
     executor = run.SlurmExecutor(
@@ -165,7 +182,8 @@ def _slurm_executor(task: StageTask, profile: SlurmProfile):
         signal=f"TERM@{grace}" if grace else None,
         additional_parameters={"requeue": True} if profile.requeue else None,
         # NeMo-Run's sbatch script runs `scontrol requeue` after a non-zero exit while retries are left: a job
-        # stopped before its time limit (exit 75 from the ranks; torchrun reports 1) continues in a new allocation
+        # stopped before its time limit (exit 75 from the ranks; torchrun reports 1) continues in a new
+        # allocation; so does a job that failed for any other reason, hence none by default
         retries=profile.max_requeues if profile.requeue else 0,
     )
     if torchrun:

@@ -66,11 +66,12 @@ class SlurmProfile:
     srun_args: list[str] = field(default_factory=list)
     # Preemption and the time limit: Slurm sends SIGTERM signal_grace_s seconds before the limit (as it does on
     # preemption, SIGKILL following after the partition's GraceTime); training saves at the next step and exits
-    # with recipes.trainer.REQUEUE_EXIT_CODE. requeue: the job may be requeued (--requeue), and the sbatch script
-    # requeues it after a non-zero exit while it has max_requeues left; it resumes from its checkpoint.
-    signal_grace_s: int | None = 300  # None: no signal before the limit
+    # with recipes.trainer.REQUEUE_EXIT_CODE. requeue: Slurm may requeue the job (--requeue: on preemption);
+    # max_requeues > 0: the sbatch script also requeues it after a non-zero exit (a save at the time limit, but
+    # also any failure: torchrun reports 1 either way) while it has requeues left; it resumes from its checkpoint.
+    signal_grace_s: int | None = 300  # None: no signal before the limit; must be below `time`
     requeue: bool = True
-    max_requeues: int = 3
+    max_requeues: int = 0
     # How sbatch is reached: "local" (this machine is a login node) or "ssh".
     tunnel: Literal["local", "ssh"] = "local"
     ssh_host: str | None = None

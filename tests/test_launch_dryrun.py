@@ -40,8 +40,8 @@ TINY_32_RANKS = ["parallel.nodes=4", "parallel.tp=2", "parallel.pp=2", "parallel
 
 def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
     proc = nrr("launch", "sft", "--executor", "slurm", "--dryrun", "executor.account=llm", "executor.nodes=4",
-               "executor.gpus_per_node=8", f"executor.nemorun_home={nemorun_home}", *TINY_32_RANKS,
-               "training.max_steps=50")
+               "executor.gpus_per_node=8", f"executor.nemorun_home={nemorun_home}", "executor.max_requeues=3",
+               *TINY_32_RANKS, "training.max_steps=50")
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-2000:]
     script = out[out.index("#!/bin/bash"):]
@@ -52,6 +52,11 @@ def test_slurm_dryrun_4_nodes_8_gpus_sft(nemorun_home):
     # torchrun grants the ranks the grace to save; a non-zero exit (a save on SIGTERM) requeues the job
     assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in script and "export TORCHX_MAX_RETRIES=3" in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    # a signal no earlier than the job's start is refused before anything is written
+    short = nrr("launch", "sft", "--executor", "slurm", "--dryrun", "executor.account=llm", "executor.nodes=4",
+                "executor.gpus_per_node=8", "executor.time=00:05:00", f"executor.nemorun_home={nemorun_home}",
+                *TINY_32_RANKS)
+    assert short.returncode == 2 and "signal_grace_s=300 is not below time=00:05:00" in short.stderr, short.stderr
     srun = next(line for line in script.splitlines() if line.startswith("srun ") and "torchrun" in line)
     # pyxis: image, mounts, secrets by NAME only
     assert "--container-image nvcr.io/example/nemo-reasoning-recipes:25.10" in srun

@@ -48,7 +48,7 @@ def launch(cluster: SlurmCluster, root: Path, stage: str, *stage_args: str) -> s
            "executor.partition=debug", "executor.gpus_per_node=null", "executor.exclusive=null",
            "executor.container_image=null", "executor.code_dir=null", f"executor.run_root={root}",
            f"executor.nemorun_home={root}/nemorun", "executor.nproc_per_node=2", "executor.time=00:05:00",
-           "--", *stage_args]
+           "executor.signal_grace_s=60", "--", *stage_args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           timeout=240)
 
