@@ -13,9 +13,7 @@ is 2 when the config's own layout, or every layout searched, does not fit.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 # the training stages and their typed config classes ("module:class")
 CONFIG_CLASSES = {"sft": "recipes.trainer:SFTConfig", "kd": "recipes.kd:KDConfig", "grpo": "recipes.grpo:GRPOConfig"}
@@ -54,14 +52,15 @@ def cli(args: argparse.Namespace) -> int:
     from recipes.config import ConfigError, load_config
 
     if args.model:
-        path = Path(args.model)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise ConfigError(f"--model {args.model}: no config.json there")
-        hf = json.loads(path.read_text())
+        from recipes.megatron.providers import load_hf_config
+
+        try:
+            hf = load_hf_config(args.model)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"--model: {err}") from None
         plans = planner.search(hf, args.seq_length, args.nodes, args.gpus_per_node, args.global_batch,
                                args.gpu_memory_gib, args.precision, not args.no_cp)
-        return _search_table(plans, args, f"{path} at {args.seq_length} tokens on {args.nodes} node(s)")
+        return _search_table(plans, args, f"{args.model} at {args.seq_length} tokens on {args.nodes} node(s)")
     if args.config or args.stage:
         if not (args.config and args.stage):
             raise ConfigError("--config and --stage go together (the stage names the config's class)")

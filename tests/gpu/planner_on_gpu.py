@@ -23,29 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "megatron_scripts"))
 
 from recipes import metrics, planner  # noqa: E402
 from recipes.megatron import providers, runtime  # noqa: E402
 from recipes.megatron import train_step as ts  # noqa: E402
+from held_bytes import held  # noqa: E402  (the same accounting as the CPU test)
 
 GIB = 1024**3
-
-
-def storages(tensors) -> dict[int, int]:
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
-
-
-def held(chunks, optimizer) -> dict[str, int]:
-    params = [p for c in providers.unwrap(chunks) for p in c.parameters()]
-    p_st, g_st = storages(params), storages([getattr(p, "main_grad", None) for p in params])
-    state = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for group in opt.optimizer.param_groups:
-            state += list(group["params"])
-        for st in opt.optimizer.state.values():
-            state += [v for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
-    o_st = {k: v for k, v in storages(state).items() if k not in p_st and k not in g_st}
-    return {"params": sum(p_st.values()), "grads": sum(g_st.values()), "optimizer": sum(o_st.values())}
 
 
 def run_case(model: str, seq: int, recompute: str, distributed: bool, steps: int) -> dict:

@@ -38,6 +38,23 @@ def storages(tensors) -> dict[int, int]:
     return out
 
 
+def held(chunks, optimizer) -> dict[str, int]:
+    """Bytes this rank holds in parameters, gradient buffers and optimizer state (see the module doc)."""
+    params = [p for c in providers.unwrap(chunks) for p in c.parameters()]
+    held_params = storages(params)
+    held_grads = storages([getattr(p, "main_grad", None) for p in params])
+    state_tensors = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = opt.optimizer
+        for group in torch_opt.param_groups:
+            state_tensors += list(group["params"])
+        for st in torch_opt.state.values():
+            state_tensors += [v for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
+    held_opt = {k: v for k, v in storages(state_tensors).items() if k not in held_params and k not in held_grads}
+    return {"params": sum(held_params.values()), "grads": sum(held_grads.values()),
+            "optimizer": sum(held_opt.values())}
+
+
 def measure(hf: dict, name: str) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -59,25 +76,12 @@ def measure(hf: dict, name: str) -> dict:
 
     model = providers.unwrap(chunks)[0]
     saved = saved_bytes(model, batch) if pp == 1 else None
-    params = list(model.parameters())
-    held_params = storages(params)
-    held_grads = storages([getattr(p, "main_grad", None) for p in params])
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    state_tensors = []
-    for opt in inner:
-        torch_opt = opt.optimizer
-        for group in torch_opt.param_groups:
-            state_tensors += list(group["params"])
-        for st in torch_opt.state.values():
-            state_tensors += [v for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
-    held_opt = {k: v for k, v in storages(state_tensors).items() if k not in held_params and k not in held_grads}
 
     dp = ps.get_data_parallel_world_size()
     layout = planner.Layout(tp=tp, pp=pp, dp=dp, distributed_optimizer=distributed)
     pp_rank, dp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
     return {
-        "measured": {"params": sum(held_params.values()), "grads": sum(held_grads.values()),
-                     "optimizer": sum(held_opt.values())},
+        "measured": held(chunks, optimizer),
         "planned": planner.state_bytes(hf, layout, pp_rank, dp_rank, precision),
         "names": [[n, p.numel()] for n, p in model.named_parameters()],
         "planned_names": [list(x) for x in planner.rank_parameters(hf, tp, pp, pp_rank)],
