@@ -427,8 +427,9 @@ def train(cfg: GRPOConfig) -> dict:
     from recipes.metrics import MetricsLogger, model_flops_per_token, progress, throughput
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import start_engine
-    from recipes.trainer import (PREEMPTED, PreemptionFlag, build_model_and_optimizer, check_fingerprint,
-                                 drop_rows_after, model_tokenizer, preempted_exit, save_training_checkpoint)
+    from recipes.resume import (PREEMPTED, PreemptionFlag, check_fingerprint, drop_rows_after, preempted_exit,
+                                save_training_checkpoint)
+    from recipes.trainer import build_model_and_optimizer, model_tokenizer
 
     check_config(cfg)
     g = cfg.grpo

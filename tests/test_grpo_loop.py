@@ -157,7 +157,7 @@ def test_loop_runs_and_resume_replays_exactly(tmp_path):
 
     # SIGTERM during step 2 (no periodic checkpoints): step 2 is saved, the exit code asks for a requeue ...
     from recipes.megatron import checkpointing
-    from recipes.trainer import REQUEUE_EXIT_CODE
+    from recipes.resume import REQUEUE_EXIT_CODE
 
     part = tmp_path / "part"
     _grpo(part, "grpo.steps=3", "checkpoint.every_steps=0", sigterm_before_step=1, expect_rc=REQUEUE_EXIT_CODE)

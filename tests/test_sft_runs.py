@@ -110,7 +110,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, tp1
 @pytest.mark.slow
 def test_sigterm_at_tp2_saves_the_step_exits_for_requeue_and_resumes_identically(tmp_path, tp2_run):
     from recipes.megatron import checkpointing
-    from recipes.trainer import FINGERPRINT, PREEMPTED, REQUEUE_EXIT_CODE
+    from recipes.resume import FINGERPRINT, PREEMPTED, REQUEUE_EXIT_CODE
 
     run = tmp_path / "preempted"
     # rank 0 signals the launched process group (torchrun and both ranks) right before step 3 of 6 (index 2)

@@ -27,7 +27,8 @@ def main() -> int:
     from recipes.config import load_config
     from recipes.megatron import runtime
     from recipes.sft import DEFAULT_CONFIG
-    from recipes.trainer import REQUEUE_EXIT_CODE, Preempted, SFTConfig, launch, resolve_path, train, world_size
+    from recipes.resume import REQUEUE_EXIT_CODE, Preempted
+    from recipes.trainer import SFTConfig, launch, resolve_path, train, world_size
 
     cfg = load_config(SFTConfig, resolve_path(DEFAULT_CONFIG), ["logging.progress=false", *args])
     if world_size(cfg) > 1 and "RANK" not in os.environ:
