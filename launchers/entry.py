@@ -4,7 +4,9 @@ It runs `nrr <stage> --config X key=value ...` and adds what a pipeline needs ar
 - `--requires DIR`: refuse to start unless the upstream stage that writes DIR succeeded (executors
   without native job dependencies, local and Kubernetes, would otherwise run a stage on stale or
   missing inputs after its upstream failed);
-- `--stage-dir DIR`: record SUCCEEDED / FAILED (with the exit code) under DIR/.nrr_stage/ (rank 0);
+- `--stage-dir DIR`: record SUCCEEDED / FAILED (with the exit code) under DIR/.nrr_stage/ (rank 0), or
+  PREEMPTED (with the step saved) for a stage stopped by a signal once its checkpoint was saved: exit 75, or
+  torchrun's 1 with a `preempted.json` it wrote in DIR; rerunning it resumes from that step;
 - `--serve-cmd CMD`: start a server (a vLLM OpenAI endpoint) next to the stage, wait until it
   answers, put its URL where the stage arguments say `${endpoint}`, and stop it afterwards.
 """
@@ -23,8 +25,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from recipes.resume import PREEMPTED as PREEMPTED_FILE, REQUEUE_EXIT_CODE
+
 MARKER_DIR = ".nrr_stage"
 ENDPOINT_PLACEHOLDER = "${endpoint}"
+STATES = ("SUCCEEDED", "FAILED", "PREEMPTED")
 
 
 def marker(stage_dir: str | Path, state: str) -> Path:
@@ -32,15 +37,15 @@ def marker(stage_dir: str | Path, state: str) -> Path:
 
 
 def stage_state(stage_dir: str | Path) -> str | None:
-    """SUCCEEDED, FAILED or None (never ran / still running) for a stage output dir."""
-    for state in ("SUCCEEDED", "FAILED"):
+    """SUCCEEDED, FAILED, PREEMPTED (resumable) or None (never ran / still running) for a stage output dir."""
+    for state in STATES:
         if marker(stage_dir, state).exists():
             return state
     return None
 
 
 def clear_state(stage_dir: str | Path) -> None:
-    for state in ("SUCCEEDED", "FAILED"):
+    for state in STATES:
         marker(stage_dir, state).unlink(missing_ok=True)
 
 
@@ -48,6 +53,44 @@ def _write_state(stage_dir: str, state: str, info: dict) -> None:
     path = marker(stage_dir, state)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def preempted_step(stage_dir: str | Path | None) -> int | None:
+    """The step a stage saved when a signal stopped it (its `preempted.json`), None when there is none."""
+    path = _preempted_file(stage_dir)
+    if path is None or not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["step"])
+    except (ValueError, KeyError, TypeError):  # a torn write: the stage still exited to be resumed
+        return -1
+
+
+def _preempted_file(stage_dir: str | Path | None) -> Path | None:
+    return Path(stage_dir) / PREEMPTED_FILE if stage_dir else None
+
+
+def preempted_stamp(stage_dir: str | Path | None) -> int | None:
+    """The `preempted.json` as it is now (its mtime in ns, None: absent), to tell a new one from an old one
+    without comparing the clock with a shared filesystem's."""
+    path = _preempted_file(stage_dir)
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except FileNotFoundError:
+        return None
+
+
+def outcome(stage_dir: str | None, rc: int, stamp_before: int | None) -> tuple[str, dict]:
+    """The state a finished stage is recorded in, and what to add to its record. torchrun reports a rank's 75
+    as 1, so a `preempted.json` the stage wrote (not the one it found: `stamp_before`) counts as well."""
+    if rc == 0:
+        return "SUCCEEDED", {}
+    stamp = preempted_stamp(stage_dir)
+    step = preempted_step(stage_dir) if stamp is not None and stamp != stamp_before else None
+    if rc == REQUEUE_EXIT_CODE or step is not None:
+        where = f"from step {step}" if step is not None and step >= 0 else "from its last checkpoint"
+        return "PREEMPTED", {"step": step, "resumes": f"rerun the same command: it resumes {where}"}
+    return "FAILED", {}
 
 
 def _is_rank0() -> bool:
@@ -109,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     for upstream in opts.requires:
         state = stage_state(upstream)
         if state != "SUCCEEDED":
+            why = {"PREEMPTED": "PREEMPTED (resumable: rerun it first)"}.get(state, state)
             print(
                 f"nrr {stage_argv[0]}: not starting, upstream stage output {upstream} is "
-                f"{state or 'missing (the stage did not finish)'}",
+                f"{why or 'missing (the stage did not finish)'}",
                 file=sys.stderr,
             )
             if opts.stage_dir and _is_rank0():
@@ -120,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             return 3
     if opts.stage_dir and _is_rank0():
         clear_state(opts.stage_dir)
+        resumed = preempted_step(opts.stage_dir)
+        if resumed is not None:
+            print(f"nrr {stage_argv[0]}: resuming after a preemption (step {resumed} saved in {opts.stage_dir})",
+                  file=sys.stderr, flush=True)
 
     server = None
     if opts.serve_cmd:
@@ -137,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             return 4
         stage_argv = [a.replace(ENDPOINT_PLACEHOLDER, url + "/v1") for a in stage_argv]
 
-    started = time.time()
+    started, stamp = time.time(), preempted_stamp(opts.stage_dir)
     child = subprocess.Popen([sys.executable, "-m", "recipes.cli", *stage_argv])
     # Forward a cancel (scancel, kubectl delete, Ctrl-C) to the stage so it can stop cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -145,10 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     rc = child.wait()
     if server is not None:
         _stop(server)
+    state, extra = outcome(opts.stage_dir, rc, stamp)
     if opts.stage_dir and _is_rank0():
         info = {"stage": stage_argv[0], "exit_code": rc, "seconds": round(time.time() - started, 1),
-                "argv": stage_argv}
-        _write_state(opts.stage_dir, "SUCCEEDED" if rc == 0 else "FAILED", info)
+                "argv": stage_argv, **extra}
+        _write_state(opts.stage_dir, state, info)
+    if state == "PREEMPTED":  # one exit code for the executors whether torchrun was between (it reports 1)
+        print(f"nrr {stage_argv[0]} preempted (exit code {rc}): {extra['resumes']}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     if rc != 0:
         print(f"nrr {stage_argv[0]} exited with code {rc}", file=sys.stderr)
     return rc

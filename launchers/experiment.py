@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launchers.entry import MARKER_DIR, clear_state
+from launchers.entry import MARKER_DIR, STATES, clear_state
 from launchers.executors import StageTask, build_executor, build_script
 from launchers.profiles import K8sProfile, LocalProfile, Profile, nemorun_home
 
@@ -164,26 +164,43 @@ class StageResult:
     exit_code: int | None
     log: str | None  # path of the stage's log, when found
     log_tail: str
+    resumes: str = ""  # a PREEMPTED stage: how its rerun continues
+    seconds: float | None = None  # wall time, as the launching process watched it
 
 
 def run(title: str, tasks: list[StageTask], profile: Profile, detach: bool = False) -> tuple[str, list[StageResult]]:
     """Submit the experiment; unless detached, wait and return each stage's result."""
+    import contextlib
+
+    from launchers.watch import StageWatcher, progress_path
+    from recipes.metrics import PROGRESS_FILE_ENV
+
     for task in tasks:  # a stale SUCCEEDED from an earlier run must not unblock a downstream stage
         if task.stage_dir:
             clear_state(task.stage_dir)
+            progress_path(task.stage_dir).unlink(missing_ok=True)
+            task.env = {**task.env, PROGRESS_FILE_ENV: str(progress_path(task.stage_dir))}
     exp = build_experiment(title, tasks, profile)
     exp_id = exp._id
+    watched = {t.name: t.stage_dir for t in tasks if t.stage_dir}
+    watcher = StageWatcher(watched, _dependencies(tasks)) if watched and not detach else contextlib.nullcontext()
     try:
-        exp.run(detach=detach, tail_logs=False)
-        if not detach and not getattr(exp, "_waited", False):
-            exp._wait_for_jobs(jobs=exp.jobs)
-            exp._waited = True
+        with watcher:
+            exp.run(detach=detach, tail_logs=False)
+            if not detach and not getattr(exp, "_waited", False):
+                exp._wait_for_jobs(jobs=exp.jobs)
+                exp._waited = True
     finally:
         exp._skip_status_at_exit = True
         exp.__exit__(None, None, None)
     if detach:
         return exp_id, []
-    return exp_id, collect_results(exp, tasks)
+    results = collect_results(exp, tasks)
+    if isinstance(watcher, StageWatcher):
+        for r in results:
+            if r.name in watcher.times:
+                r.seconds = watcher.times[r.name].seconds
+    return exp_id, results
 
 
 def collect_results(exp, tasks: list[StageTask]) -> list[StageResult]:
@@ -193,21 +210,24 @@ def collect_results(exp, tasks: list[StageTask]) -> list[StageResult]:
         state = getattr(job.state, "name", str(job.state))
         task = by_name.get(job.id)
         exit_code = None
-        marker_state = None
+        marker_state, info = None, {}
         if task and task.stage_dir:
-            for name in ("FAILED", "SUCCEEDED"):
+            for name in STATES:
                 path = Path(task.stage_dir) / MARKER_DIR / name
                 if path.exists():
                     marker_state = name
-                    exit_code = json.loads(path.read_text(encoding="utf-8")).get("exit_code")
+                    info = json.loads(path.read_text(encoding="utf-8"))
+                    exit_code = info.get("exit_code")
                     break
         if state == "SUCCEEDED" and marker_state == "FAILED":
             state = "FAILED"  # the job itself ended cleanly, the stage inside it did not
+        if marker_state == "PREEMPTED":  # stopped after saving its checkpoint: not a failure, it resumes
+            state = "PREEMPTED"
         log = find_log(job.executor.job_dir)
         tail = ""
         if log and state != "SUCCEEDED":
             tail = log_excerpt(Path(log).read_text(encoding="utf-8", errors="replace").splitlines())
-        results.append(StageResult(job.id, state, exit_code, log, tail))
+        results.append(StageResult(job.id, state, exit_code, log, tail, info.get("resumes", "")))
     return results
 
 
@@ -235,13 +255,18 @@ def print_results(exp_id: str, results: list[StageResult], profile: Profile, fil
     from rich.console import Console
     from rich.table import Table
 
+    from launchers.watch import clock
+
     console = Console(file=file or sys.stdout, width=120)
-    table = Table("stage", "state", "exit code", "log", title=f"experiment {exp_id}")
+    table = Table("stage", "state", "exit code", "time", "log", title=f"experiment {exp_id}")
     for r in results:
-        table.add_row(r.name, r.state, "" if r.exit_code is None else str(r.exit_code), r.log or "")
+        table.add_row(r.name, r.state, "" if r.exit_code is None else str(r.exit_code),
+                      "" if r.seconds is None else clock(r.seconds), r.log or "")
     console.print(table)
     for r in results:
-        if r.state != "SUCCEEDED" and r.log_tail:
+        if r.resumes:
+            console.print(f"--- {r.name}: preempted after saving its checkpoint; {r.resumes} ---", markup=False)
+        elif r.state != "SUCCEEDED" and r.log_tail:
             console.print(f"--- {r.name}: last lines of {r.log} ---", markup=False)
             console.print(r.log_tail, markup=False, highlight=False)
     home = nemorun_home(profile)

@@ -321,3 +321,49 @@ def test_pipeline_report_tables_levels_and_links_step_reports(tmp_path):
     assert "- **grpo** (grpo): ![grpo/report/reward_curve.png](grpo/report/reward_curve.png)" in lines
     assert "- **eval_sft** (eval): [eval_sft/report.html](eval_sft/report.html)" in lines
     assert not any(line.startswith("- **eval_base**") for line in lines)  # no report there, no link
+
+
+def test_a_preempted_stage_is_recorded_resumable_not_failed(tmp_path, capsys):
+    """A stage stopped by a signal after saving (exit 75, or torchrun's 1 with a fresh preempted.json) is
+    PREEMPTED with its step, in the stage record and the launch summary; the rerun says it resumes."""
+    import signal
+    from types import SimpleNamespace
+
+    from launchers import entry
+    from launchers.experiment import collect_results, print_results
+    from launchers.executors import StageTask
+    from recipes.resume import preempted_exit
+    from recipes.stages import STAGES
+
+    stage = tmp_path / "sft"
+    stage.mkdir()
+    before = entry.preempted_stamp(stage)
+    preempted_exit(stage, 7, signal.SIGTERM)  # what a training stage's rank 0 writes
+    for rc in (75, 1):  # 1: torchrun, which does not hand on the ranks' 75
+        state, extra = entry.outcome(str(stage), rc, before)
+        assert (state, extra["step"]) == ("PREEMPTED", 7) and "resumes from step 7" in extra["resumes"]
+    # the file the stage found when it started (an earlier run's) does not make a failure a preemption
+    assert entry.outcome(str(stage), 1, entry.preempted_stamp(stage))[0] == "FAILED"
+    assert entry.outcome(str(tmp_path / "other"), 2, None)[0] == "FAILED"
+    assert entry.outcome(str(stage), 0, before)[0] == "SUCCEEDED"
+
+    # the launch summary: PREEMPTED with how it resumes, not FAILED with a log tail
+    marker = entry.marker(stage, "PREEMPTED")
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"stage": "sft", "exit_code": 1, **extra}))
+    job = SimpleNamespace(id="sft", state=SimpleNamespace(name="FAILED"),  # a NeMo-Run job as it ends on exit 1
+                          executor=SimpleNamespace(job_dir=str(tmp_path / "no-logs")))
+    [result] = collect_results(SimpleNamespace(jobs=[job]), [StageTask("sft", STAGES["sft"], ["sft"], str(stage))])
+    assert (result.state, result.exit_code) == ("PREEMPTED", 1) and "resumes from step 7" in result.resumes
+    from launchers.profiles import LocalProfile
+
+    print_results("exp", [result], LocalProfile())
+    assert "sft: preempted after saving its checkpoint; rerun the same command: it resumes from step 7" in \
+        capsys.readouterr().out
+
+    # the rerun through the entry says it resumes (the trainer removes preempted.json once it has resumed; this
+    # stage fails at once, so its stale preempted.json does not make it PREEMPTED)
+    proc = _entry("--stage-dir", str(stage), "--", "task", "--split", "bogus")
+    assert "nrr task: resuming after a preemption (step 7 saved in" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and entry.stage_state(stage) == "FAILED"
+    assert not marker.exists()
