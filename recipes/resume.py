@@ -9,12 +9,12 @@ lose the rows of the steps a resume runs again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import signal
 from pathlib import Path
 
+from recipes import fingerprint
 from recipes.config import ConfigError
 
 # The exit code of a run stopped by SIGTERM / SIGUSR1 once its checkpoint is saved: sysexits' EX_TEMPFAIL ("try
@@ -132,19 +132,8 @@ def drop_rows_after(path: Path, step: int) -> None:
 
 def config_fingerprint(cfg) -> dict:
     """The config's values that change the computation, flattened to dotted keys (see RESUMABLE_CHANGES)."""
-    def flatten(obj, prefix=""):
-        for key, value in obj.items():
-            full = f"{prefix}{key}"
-            if full in RESUMABLE_CHANGES:
-                continue
-            if isinstance(value, dict) and value:
-                yield from flatten(value, full + ".")
-            else:
-                yield full, json.loads(json.dumps(value, default=str))
-
-    values = dict(flatten(dataclasses.asdict(cfg)))
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
-    return {"sha256": digest, "config": values}
+    values = fingerprint.flatten(dataclasses.asdict(cfg), skip=RESUMABLE_CHANGES)
+    return {"sha256": fingerprint.digest(values), "config": values}
 
 
 def save_training_checkpoint(cfg, ckpt_dir: Path, step: int, chunks, optimizer, scheduler, extra: dict,
@@ -167,9 +156,7 @@ def check_fingerprint(cfg, ckpt_dir: Path, step: int) -> None:
     if not path.is_file():
         runtime.print_rank0(f"[resume] {path} is missing: the config is not compared with the checkpoint's")
         return
-    saved, now = json.loads(path.read_text())["config"], config_fingerprint(cfg)["config"]
-    changed = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
-               for k in sorted(saved.keys() | now.keys()) if saved.get(k, "(unset)") != now.get(k, "(unset)")]
+    changed = fingerprint.changes(json.loads(path.read_text())["config"], config_fingerprint(cfg)["config"])
     if not changed:
         return
     if not cfg.checkpoint.allow_config_change:
