@@ -319,9 +319,11 @@ def print_rendered(rendered, file=None) -> None:
         print(item.text.rstrip("\n"), file=out)
 
 
-def execute(title: str, tasks, profile, dry: bool, detach: bool, checked: dict | None = None) -> int:
+def execute(title: str, tasks, profile, dry: bool, detach: bool, checked: dict | None = None,
+            results_out: list | None = None) -> int:
     """Check, then dry-run or run the tasks; return 0 when every stage succeeded, else the first failure's code.
-    `checked`: the tasks' `launchers.preflight.check_tasks`, when the caller ran it before writing anything."""
+    `checked`: the tasks' `launchers.preflight.check_tasks`, when the caller ran it before writing anything;
+    `results_out` receives each stage's StageResult."""
     if checked is None:
         from launchers.preflight import check_tasks
 
@@ -337,6 +339,8 @@ def execute(title: str, tasks, profile, dry: bool, detach: bool, checked: dict |
         print(f"submitted experiment {exp_id}; follow it with: nrr launch --status {exp_id}")
         return 0
     print_results(exp_id, results, profile)
+    if results_out is not None:
+        results_out.extend(results)
     for r in results:
         if r.state != "SUCCEEDED":
             return r.exit_code or 1

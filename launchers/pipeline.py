@@ -56,6 +56,10 @@ class SummaryConfig:
     rows: dict[str, str] = field(default_factory=dict)  # label -> JSON file (templates allowed)
     key: str = "accuracy"  # dotted key inside each JSON file
     report: str | None = None  # a Markdown report: the table by level, and each step's own reports
+    # [a, b]: b - a per level with the paired standard error, from the rows' per-sample files
+    # (<benchmark>.jsonl beside each summary.json), and over `practised` levels together (what RL trained on)
+    paired: list[str] = field(default_factory=list)
+    practised: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +70,9 @@ class PipelineConfig:
     executor_overrides: list[str] = field(default_factory=list)
     steps: list[StepConfig] = field(default_factory=list)
     summary: SummaryConfig | None = None
+    # step name -> overrides appended to that step's own: the same pipeline at other budgets, e.g.
+    # `nrr pipeline 'step_overrides={sft: [training.max_steps=20]}'`
+    step_overrides: dict[str, list[str]] = field(default_factory=dict)
 
 
 def substitute(text: str, dirs: dict[str, str], own: str | None, run_dir: str, where: str) -> str:
@@ -98,6 +105,10 @@ def plan(cfg: PipelineConfig, profile: Profile, only: list[str] | None = None) -
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise ConfigError(f"pipeline: step names must be unique, repeated: {', '.join(sorted(duplicates))}")
+    unknown = sorted(set(cfg.step_overrides) - set(names))
+    if unknown:
+        raise ConfigError(f"pipeline: step_overrides names unknown steps {', '.join(unknown)}; steps: "
+                          f"{', '.join(names)}")
     run_dir = run_path(profile, cfg.run_dir)
     dirs = {s.name: f"{run_dir}/{s.name}" for s in cfg.steps}
     tasks: dict[str, StageTask] = {}
@@ -106,7 +117,8 @@ def plan(cfg: PipelineConfig, profile: Profile, only: list[str] | None = None) -
         where = f"steps[{i}] ({step.name})"
         spec = stage_spec(step.stage, step.launcher)
         upstream = list(step.after)
-        texts = list(step.overrides) + ([step.serve.command] if step.serve else [])
+        step_overrides = list(step.overrides) + [str(o) for o in cfg.step_overrides.get(step.name, [])]
+        texts = step_overrides + ([step.serve.command] if step.serve else [])
         for text in texts:
             upstream += sorted(references(text))
         for name in upstream:
@@ -114,7 +126,7 @@ def plan(cfg: PipelineConfig, profile: Profile, only: list[str] | None = None) -
                 raise ConfigError(f"{where}: depends on unknown step '{name}'")
             if names.index(name) >= i:
                 raise ConfigError(f"{where}: depends on '{name}', which must come earlier in 'steps'")
-        overrides = [substitute(o, dirs, step.name, run_dir, where) for o in step.overrides]
+        overrides = [substitute(o, dirs, step.name, run_dir, where) for o in step_overrides]
         config = step.config or spec.default_config
         tasks[step.name] = StageTask(
             name=step.name,
@@ -160,6 +172,88 @@ def summary_rows(cfg: PipelineConfig, profile: Profile) -> list[tuple[str, str, 
     return rows
 
 
+def paired_gain(cfg: PipelineConfig, profile: Profile) -> dict | None:
+    """summary.paired's b - a, overall, per level and over the practised levels, with paired standard errors;
+    None when not asked for or a row's per-sample file is missing."""
+    import json
+    from pathlib import Path
+
+    from recipes.evaluation.metrics import paired_difference
+
+    if cfg.summary is None or not cfg.summary.paired:
+        return None
+    if len(cfg.summary.paired) != 2:
+        raise ConfigError(f"summary.paired: two row labels [a, b], got {cfg.summary.paired}")
+    files = {label: file for label, file, _ in summary_rows(cfg, profile)}
+    parts = cfg.summary.key.split(".")
+    if len(parts) < 3 or parts[0] != "benchmarks":
+        raise ConfigError(f"summary.paired needs summary.key benchmarks.<name>.<metric>, got {cfg.summary.key}")
+    records = {}
+    for label in cfg.summary.paired:
+        if label not in files:
+            raise ConfigError(f"summary.paired: '{label}' is not a row of summary.rows ({', '.join(files)})")
+        samples = Path(files[label]).parent / f"{parts[1]}.jsonl"
+        if not samples.is_file():
+            return None
+        records[label] = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines() if line]
+    a, b = (records[label] for label in cfg.summary.paired)
+    out = paired_difference(a, b)
+    if cfg.summary.practised:
+        keep = {int(v) for v in cfg.summary.practised}
+        out["practised"] = paired_difference([r for r in a if r.get("level") in keep],
+                                             [r for r in b if r.get("level") in keep], group=None)["all"]
+    out["a"], out["b"], out["practised_levels"] = *cfg.summary.paired, sorted(cfg.summary.practised)
+    return out
+
+
+def gain_cell(stats: dict | None) -> str:
+    """'+6.8 ± 2.1' in percentage points; '*' when the gain is more than twice its standard error."""
+    if not stats or not stats.get("problems"):
+        return "-"
+    beyond = abs(stats["diff"]) > 2 * stats["se"] and stats["diff"] != 0
+    return f"{stats['diff'] * 100:+.1f} ± {stats['se'] * 100:.1f}{' *' if beyond else ''}"
+
+
+RUN_INFO = "run_info.json"  # in run_dir: the commit, machine and each stage's time (`nrr pipeline` writes it)
+
+
+def run_section(run_dir: str) -> list[str]:
+    """Markdown lines naming what the numbers were measured on, and each stage's wall time."""
+    import json
+    from pathlib import Path
+
+    from launchers.watch import clock
+    from recipes.bench.machine import machine_line
+
+    path = Path(run_dir) / RUN_INFO
+    if not path.is_file():
+        return []
+    info = json.loads(path.read_text(encoding="utf-8"))
+    where = machine_line(info["machine"]) if info.get("machine") else "the cluster's nodes"
+    lines = [f"Measured at commit `{info.get('commit', 'unknown')}` on {where}, started {info.get('started')}; "
+             f"{clock(info.get('wall_s'))} in all.", "", "| stage | state | time |", "|---|---|---:|"]
+    lines += [f"| {name} | {st.get('state')} | {clock(st.get('seconds'))} |"
+              for name, st in info.get("stages", {}).items()]
+    return lines + [""]
+
+
+README_BEGIN, README_END = "<!-- nrr pipeline --readme: begin -->", "<!-- nrr pipeline --readme: end -->"
+
+
+def splice_readme(readme: str, cfg: PipelineConfig, profile: Profile) -> None:
+    """Replace what lies between README_BEGIN and README_END in `readme` with this run's `summary_markdown`
+    (no file paths), so that the figures there are the run's own, never typed by hand."""
+    from pathlib import Path
+
+    text = Path(readme).read_text(encoding="utf-8")
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+        raise ConfigError(f"{readme}: needs one '{README_BEGIN}' line and, after it, one '{README_END}' line")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    block = "\n".join([README_BEGIN, *summary_markdown(cfg, profile, with_files=False), README_END])
+    Path(readme).write_text(head + block + tail, encoding="utf-8")
+
+
 # What a step leaves for people to look at, linked from the pipeline's report when present.
 _STEP_REPORTS = ("report.md", "report.html", "report/reward_curve.png", "length_hist.png", "pass_rate_hist.png")
 
@@ -181,25 +275,41 @@ def level_values(path: str, key: str) -> dict[str, float]:
     return {lvl: float(v[leaf]) for lvl, v in by_level.items() if isinstance(v, dict) and isinstance(v.get(leaf), (int, float))}
 
 
-def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str) -> str:
-    """The pipeline's report: the summary table (with a column per level when the evals report levels) and
-    links to every step's own reports. Returns the Markdown it wrote."""
-    import os
-    from pathlib import Path
-
+def summary_markdown(cfg: PipelineConfig, profile: Profile, with_files: bool = True) -> list[str]:
+    """What the run was measured on, its stage times, the summary table (a column per level when the evals
+    report levels) and summary.paired's gain with its paired standard error."""
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}" if v <= 1 else f"{v:g}"
 
-    run_dir = run_path(profile, cfg.run_dir)
     rows = summary_rows(cfg, profile)
     levels = {label: level_values(file, cfg.summary.key) for label, file, _ in rows}
     level_names = sorted({lvl for per in levels.values() for lvl in per}, key=lambda x: (len(x), x))
-    lines = [f"# {cfg.name}: {cfg.summary.title}", "", f"`{cfg.summary.key}` from each row's file.", "",
-             "| model | all | " + "".join(f"L{lvl} | " for lvl in level_names) + "from |",
-             "|---|---:|" + "---:|" * len(level_names) + "---|"]
+    lines = [*run_section(run_path(profile, cfg.run_dir)), f"`{cfg.summary.key}`, each row from its step's "
+             f"summary.json.", "", "| model | all | " + "".join(f"L{lvl} | " for lvl in level_names)
+             + ("from |" if with_files else ""), "|---|---:|" + "---:|" * len(level_names) + ("---|" if with_files else "")]
     for label, file, value in rows:
         cells = "".join(f"{pct(levels[label].get(lvl))} | " for lvl in level_names)
-        lines.append(f"| {label} | {pct(value)} | {cells}`{file}` |")
+        lines.append(f"| {label} | {pct(value)} | {cells}" + (f"`{file}` |" if with_files else ""))
+    gain = paired_gain(cfg, profile)
+    if gain:
+        cells = "".join(f"{gain_cell(gain['by_level'].get(lvl))} | " for lvl in level_names)
+        lines.append(f"| {gain['b']} − {gain['a']} (points) | {gain_cell(gain['all'])} | {cells}"
+                     + (f"paired on the same {gain['all']['problems']} problems |" if with_files else ""))
+        lines += ["", f"{gain['b']} − {gain['a']}: percentage points ± the paired standard error over the same "
+                      f"{gain['all']['problems']} problems; * marks a difference beyond two standard errors."]
+        if "practised" in gain:
+            levels_text = ", ".join(f"L{v}" for v in gain["practised_levels"])
+            lines += [f"On the levels RL practised ({levels_text}) together: {gain_cell(gain['practised'])}."]
+    return [line.rstrip() for line in lines]
+
+
+def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str) -> str:
+    """The pipeline's report: `summary_markdown` and links to every step's own reports. Returns the Markdown."""
+    import os
+    from pathlib import Path
+
+    run_dir = run_path(profile, cfg.run_dir)
+    lines = [f"# {cfg.name}: {cfg.summary.title}", "", *summary_markdown(cfg, profile)]
     lines += ["", "## Step reports", ""]
     for step in cfg.steps:
         found = [Path(run_dir) / step.name / name for name in _STEP_REPORTS]

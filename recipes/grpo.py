@@ -545,7 +545,8 @@ def train(cfg: GRPOConfig) -> dict:
             metrics["gen_tokens_per_s"] = sum(len(r) for gr in groups for r in gr.responses) / max(t_gen, 1e-9)
             logger.log(done, metrics)
             bar.update(bar_task, completed=done, info=f"reward {metrics['reward/mean']:.3f} "
-                                                     f"acc {metrics['accuracy']:.2f}")
+                                                     f"acc {metrics['accuracy']:.2f} "
+                                                     f"{metrics['gen_tokens_per_s']:.0f} gen tok/s")
             if rank0 and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < g.steps:
                 logger.log(done, heldout_accuracy(backend, tokenizer, cfg.eval, cfg.rollout.max_tokens), prefix="eval/")
             periodic = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0

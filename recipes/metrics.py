@@ -83,12 +83,74 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+# A launcher watching a stage (`nrr pipeline`) sets this to a file the stage's progress bars keep current.
+PROGRESS_FILE_ENV = "NRR_PROGRESS_FILE"
+
+
 def progress(disable: bool = False):
-    """A rich Progress with a bar, counts, rate and ETA (use as a context manager)."""
+    """A rich Progress with a bar, counts, rate and ETA (use as a context manager). Under a launcher that set
+    $NRR_PROGRESS_FILE, rank 0 also keeps that file current (see `Heartbeat`), whether the bar is shown or not."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(
+    class ProgressWithHeartbeat(Progress):
+        def update(self, task_id, **kwargs):
+            super().update(task_id, **kwargs)
+            heartbeat.write(self, task_id)
+
+        def advance(self, task_id, advance: float = 1):
+            super().advance(task_id, advance)
+            heartbeat.write(self, task_id)
+
+    heartbeat = Heartbeat.from_env()
+    return ProgressWithHeartbeat(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         disable=disable, transient=False,
     )
+
+
+class Heartbeat:
+    """The newest state of a stage's progress bar as one small JSON file (task, completed, total, info, elapsed,
+    ETA, wall time), replaced atomically at most every `interval` seconds and on the last step, so that a process
+    that cannot see the stage's terminal (the pipeline waiting on NeMo-Run jobs) can show it."""
+
+    def __init__(self, path: str | None, interval: float = 1.0):
+        import os
+
+        rank0 = os.environ.get("RANK", "0") == "0"
+        self.path = Path(path) if path and rank0 else None
+        self.interval = interval
+        self._last = 0.0
+
+    @classmethod
+    def from_env(cls) -> "Heartbeat":
+        import os
+
+        return cls(os.environ.get(PROGRESS_FILE_ENV))
+
+    def write(self, bar, task_id) -> None:
+        if self.path is None:
+            return
+        task = bar._tasks.get(task_id)
+        now = time.time()
+        if task is None or (now - self._last < self.interval and not task.finished):
+            return
+        self._last = now
+        state = {"task": task.description, "completed": task.completed, "total": task.total,
+                 "info": str(task.fields.get("info", "")), "elapsed_s": task.elapsed,
+                 "eta_s": task.time_remaining, "time": now}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(state), encoding="utf-8")
+            tmp.replace(self.path)
+        except OSError:  # progress is for watching; it never stops the stage
+            self.path = None
+
+
+def read_heartbeat(path: str | Path) -> dict | None:
+    """The stage's last heartbeat, or None when it has written none (or is writing it right now)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

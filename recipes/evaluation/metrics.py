@@ -107,6 +107,31 @@ def accuracy_metrics(records: list[dict]) -> dict:
     return out
 
 
+def paired_difference(a: list[dict], b: list[dict], group: str | None = "level") -> dict:
+    """Model b's pass@1 minus model a's on the problems both answered, with the paired standard error: the
+    sample standard deviation of the per-problem differences / sqrt(problems). Pairing removes the spread of
+    problem difficulty, which two independent standard errors would count twice. Overall and per `group`
+    (e.g. level): {"all": {...}, "by_<group>": {value: {...}}}, each {problems, a, b, diff, se}."""
+    def per_problem(records):
+        return {pid: (statistics.fmean(bool(r["is_correct"]) for r in s), s[0].get(group) if group else None)
+                for pid, s in group_by_problem(records).items()}
+
+    pa, pb = per_problem(a), per_problem(b)
+    shared = sorted(pa.keys() & pb.keys())
+
+    def stats(ids):
+        d = [pb[i][0] - pa[i][0] for i in ids]
+        return {"problems": len(ids), "a": statistics.fmean(pa[i][0] for i in ids),
+                "b": statistics.fmean(pb[i][0] for i in ids), "diff": statistics.fmean(d),
+                "se": statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0}
+
+    out = {"all": stats(shared) if shared else {"problems": 0}}
+    if group:
+        values = sorted({pa[i][1] for i in shared if pa[i][1] is not None}, key=lambda v: (str(type(v)), v))
+        out[f"by_{group}"] = {str(v): stats([i for i in shared if pa[i][1] == v]) for v in values}
+    return out
+
+
 def length_metrics(records: list[dict]) -> dict:
     def avg(field: str, subset: list[dict]) -> float | None:
         return _mean([float(r[field]) for r in subset if r.get(field) is not None])
