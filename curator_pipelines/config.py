@@ -68,6 +68,9 @@ class TeacherRequestConfig:
     # (problem, sample) requests end failed after their retries; 0: any failure fails the run, 1: never
     max_failed_fraction: float = 0.1
     teacher_name: str | None = None  # provenance label; default: the model name (traces: the rows' own, else None)
+    # generations.jsonl carries a fingerprint of what makes them (GENERATION_KEYS, the input file): a rerun under
+    # other values is an error naming each; true sets the earlier generations aside (kept) and makes them again
+    allow_config_change: bool = False
 
 
 @dataclasses.dataclass

@@ -29,7 +29,14 @@ from recipes.config import ConfigError
 from recipes.data import catalog
 
 RESULTS_FILE = "generations.jsonl"
+RESULTS_FINGERPRINT = "generations.fingerprint.json"
 QUARANTINE_FILE = "quarantine.jsonl"
+# What a teacher's responses depend on (n_samples is not: sample i is asked the same way whatever the count, so
+# more samples reuse the earlier ones; nor are the client's concurrency, timeouts and retries). With the embedded
+# teacher, base_url is a new free port each run: its config file and overrides stand for it.
+GENERATION_KEYS = ("source", "model", "system_prompt", "prompt_template", "temperature", "top_p", "max_tokens",
+                   "seed")
+INPUT_KEYS = ("format", "id_field", "problem_field", "answer_field", "answer_regex")
 
 
 # ------------------------------------------------------------------ set-up
@@ -143,6 +150,32 @@ def embedded_teacher(cfg: CurateConfig, log_path: Path, startup_s: float = 60.0)
                 proc.wait()
 
 
+def generation_fingerprint(cfg: CurateConfig) -> dict:
+    """The values the generations of a (resolved) config depend on, as dotted keys."""
+    from recipes.fingerprint import file_identity
+
+    g = cfg.generation
+    values = {f"generation.{k}": getattr(g, k) for k in GENERATION_KEYS}
+    if g.embedded_teacher:
+        values["generation.teacher_config"] = file_identity(g.teacher_config)
+        values["generation.teacher_overrides"] = list(g.teacher_overrides)
+    else:
+        values["generation.base_url"] = g.base_url
+    values.update({f"input.{k}": getattr(cfg.input, k) for k in INPUT_KEYS})
+    values["input.path"] = file_identity(cfg.input.path)  # the problems' content, wherever the file lives
+    return values
+
+
+def check_generations(cfg: CurateConfig) -> None:
+    """Reuse generations.jsonl only if it was made under the same values (see recipes.fingerprint.guard_reuse)."""
+    from recipes.fingerprint import guard_reuse
+
+    out = Path(cfg.output_dir)
+    guard_reuse([out / RESULTS_FILE], out / RESULTS_FINGERPRINT, generation_fingerprint(cfg),
+                "generation.allow_config_change", cfg.generation.allow_config_change,
+                log=lambda msg: print(msg, file=sys.stderr))
+
+
 # ------------------------------------------------------------------ the pipeline
 
 
@@ -208,6 +241,7 @@ def run_curation(cfg: CurateConfig, show_progress: bool = True) -> dict:
         from curator_pipelines.generate import api_key
 
         api_key(cfg.generation)  # the named env var must be set (its value stays in memory only)
+        check_generations(cfg)
     with contextlib.ExitStack() as stack:
         if cfg.generation.source == "endpoint" and cfg.generation.embedded_teacher:
             url = stack.enter_context(embedded_teacher(cfg, out / "teacher_log.jsonl"))

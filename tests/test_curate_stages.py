@@ -451,3 +451,49 @@ def test_nrr_curate_stops_at_the_first_401_naming_endpoint_and_key_variable_neve
     assert report["generation_failures"]["by_class"] == {"http_401": n_401, "not_asked": 60 - n_401}
     for text in [r.stdout, r.stderr] + [f.read_bytes().decode(errors="replace") for f in out.rglob("*") if f.is_file()]:
         assert client_key not in text and server_key not in text
+
+
+def test_generations_are_reused_only_under_the_settings_that_made_them(tmp_path):
+    """A rerun reuses generations.jsonl; under another sampling setting, prompt or input file it is a ConfigError
+    naming each key (old -> new); generation.allow_config_change=true sets them aside and asks again."""
+    from curator_pipelines.config import CurateConfig
+    from curator_pipelines.pipeline import RESULTS_FILE, check_generations, resolve_paths
+    from recipes.config import ConfigError
+
+    problems = task.train_problems([1], 4, seed=6)
+    src = _write_problems(tmp_path / "problems.jsonl", problems)
+    out, log = tmp_path / "out", tmp_path / "log.jsonl"
+
+    def asked() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    with TeacherServer(TeacherServerConfig(log_path=str(log))) as server:
+        def rerun(*overrides: str) -> pd.DataFrame:  # what `nrr curate` does before Ray, then the stage
+            cfg = resolve_paths(load_config(CurateConfig, None, [
+                f"output_dir={out}", f"input.path={src}", f"generation.base_url={server.base_url}",
+                "generation.n_samples=1", *overrides]))
+            check_generations(cfg)
+            return _generate(cfg.generation, problems, out / RESULTS_FILE)
+
+        first = rerun()
+        assert asked() == 4
+        pd.testing.assert_frame_equal(rerun(), first)  # unchanged: every generation reused
+        assert asked() == 4
+        with pytest.raises(ConfigError) as err:
+            rerun("generation.temperature=0.9", "generation.prompt_template='Solve: {problem}'")
+        assert "generation.temperature: 0.7 -> 0.9" in str(err.value)
+        assert "generation.prompt_template: '{problem}' -> 'Solve: {problem}'" in str(err.value)
+        assert "generation.allow_config_change=true" in str(err.value) and asked() == 4
+        assert rerun("generation.n_samples=2", "generation.concurrency=2")["kept"].all()  # more samples: reused
+        assert asked() == 8
+
+        rerun("generation.temperature=0.9", "generation.allow_config_change=true")
+        assert asked() == 12  # asked again, the earlier generations kept aside
+        [aside] = out.glob(f"{RESULTS_FILE}.stale-*")
+        assert len(aside.read_text().splitlines()) == 8 and len((out / RESULTS_FILE).read_text().splitlines()) == 4
+        rerun("generation.temperature=0.9")
+        assert asked() == 12
+
+        _write_problems(src, task.train_problems([1], 4, seed=7))  # other problems under the same path
+        with pytest.raises(ConfigError, match=r"input\.path: 'sha256:[0-9a-f]+' -> 'sha256:"):
+            rerun("generation.temperature=0.9")
