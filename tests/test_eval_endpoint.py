@@ -29,12 +29,15 @@ def _cfg(out: Path, base_url: str, **generation) -> EvalConfig:
 
 def test_a_key_variable_that_is_not_set_is_an_error_naming_it_and_null_means_no_key(tmp_path, monkeypatch):
     monkeypatch.delenv("NRR_TEST_EVAL_KEY", raising=False)
-    with TeacherServer(TeacherServerConfig()) as server:
+    log = tmp_path / "log.jsonl"
+    with TeacherServer(TeacherServerConfig(log_path=str(log))) as server:
         with pytest.raises(ConfigError, match="generation.api_key_env names the env var 'NRR_TEST_EVAL_KEY', "
                                               "which is not set.*api_key_env=null"):
             run_eval(_cfg(tmp_path / "missing", server.base_url, api_key_env="NRR_TEST_EVAL_KEY"))
         assert not (tmp_path / "missing" / "summary.json").exists()  # refused before anything ran
         summary = run_eval(_cfg(tmp_path / "local", server.base_url, api_key_env=None))
+        _samples_are_reused_only_under_the_settings_that_made_them(
+            _cfg(tmp_path / "local", server.base_url, api_key_env=None), log)  # the same server: no second start
     bench = summary["benchmarks"]["embedded"]
     assert summary["status"] == "ok" and bench["problems"] == 8 and bench["pass@1"] > 0.5
     assert "generation_failures" not in bench
@@ -45,6 +48,37 @@ def test_a_key_variable_that_is_not_set_is_an_error_naming_it_and_null_means_no_
                         "generation.api_key_env=NRR_TEST_EVAL_KEY", f"output_dir={tmp_path / 'cli'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "'NRR_TEST_EVAL_KEY', which is not set" in r.stderr, r.stderr[-2000:]
+
+
+def _samples_are_reused_only_under_the_settings_that_made_them(cfg: EvalConfig, log: Path) -> None:
+    """A rerun reuses <benchmark>.jsonl; under another sampling setting or prompt it is a ConfigError naming each
+    key (old -> new); generation.allow_config_change=true sets the samples aside and asks again. `cfg` has run once
+    against the server writing `log`."""
+    import dataclasses
+
+    from recipes.evaluation.config import PromptConfig
+
+    out = Path(cfg.output_dir)
+    before = asked = len(log.read_text().splitlines())
+    first = json.loads((out / "summary.json").read_text())["benchmarks"]["embedded"]
+    assert run_eval(cfg)["benchmarks"]["embedded"] == first  # unchanged: every sample reused
+    assert len(log.read_text().splitlines()) == asked
+    hotter = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, temperature=0.5),
+                                 prompt=PromptConfig(user="Q: {problem}"))
+    with pytest.raises(ConfigError) as err:
+        run_eval(hotter)
+    assert "generation.temperature: 0.0 -> 0.5" in str(err.value)
+    assert "prompt.user: " in str(err.value) and "-> 'Q: {problem}'" in str(err.value)
+    assert "generation.allow_config_change=true" in str(err.value) and len(log.read_text().splitlines()) == asked
+    run_eval(dataclasses.replace(hotter, generation=dataclasses.replace(hotter.generation, allow_config_change=True)))
+    asked = len(log.read_text().splitlines())
+    assert asked == 2 * before  # every problem asked again
+    [aside] = out.glob("embedded.jsonl.stale-*")  # the earlier samples, kept
+    ids = [json.loads(line)["id"] for line in aside.read_text().splitlines()]
+    assert len(ids) == first["problems"] and ids == \
+        [json.loads(line)["id"] for line in (out / "embedded.jsonl").read_text().splitlines()]
+    run_eval(hotter)
+    assert len(log.read_text().splitlines()) == asked
 
 
 def test_a_refused_key_stops_the_run_naming_endpoint_and_variable_never_the_key(tmp_path, monkeypatch):

@@ -60,6 +60,10 @@ class GenerationConfig:
     # for more than this share of a benchmark's problems; below it the failed problems are left out of the
     # metrics, counted in the summary, and asked again by the next run
     max_failed_fraction: float = 0.1
+    # each <benchmark>.jsonl carries a fingerprint of what makes its samples (recipes.evaluation.runner
+    # .samples_fingerprint): a rerun under other values is an error naming each; true sets the earlier samples
+    # aside (kept) and makes them again
+    allow_config_change: bool = False
 
 
 @dataclasses.dataclass

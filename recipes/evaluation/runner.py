@@ -1,7 +1,8 @@
 """An evaluation run: read benchmarks -> generate k samples per problem -> grade -> metrics -> report.
 
 Samples are appended to `<output_dir>/<benchmark>.jsonl` as each batch finishes; a rerun skips the
-(problem, sample) pairs already there, so an interrupted run resumes where it stopped. With an endpoint, a
+(problem, sample) pairs already there, so an interrupted run resumes where it stopped, if it runs under the same
+model, prompt, sampling and benchmark file (`<benchmark>.fingerprint.json`; generation.allow_config_change). With an endpoint, a
 problem it gave no completion for is counted by error class; more than `generation.max_failed_fraction` of a
 benchmark's problems failing fails the run (`GenerationBudgetError`, after writing summary.json).
 Record fields follow NeMo-Skills' names where they exist (`generation`, `expected_answer`,
@@ -21,6 +22,8 @@ from recipes import grader
 from recipes.response_format import split_response
 from recipes.tokenizer import load as load_tokenizer
 from recipes.config import ConfigError, save_config
+from recipes.data import catalog
+from recipes.fingerprint import file_identity, guard_reuse
 from recipes.generation import Completion, SamplingParams, make_backend as start_backend
 from recipes.evaluation import nemo_skills, prompts
 from recipes.evaluation.benchmarks import load_benchmark
@@ -153,6 +156,31 @@ def _check_thinking(tokenizer, g: GenerationConfig) -> None:
 
 # ------------------------------------------------------------------------------ the run
 
+# What a benchmark's samples depend on besides the model, prompt and benchmark file (not k: sample i is drawn the
+# same way whatever the count, so a larger k reuses the earlier ones; nor batch sizes, concurrency or timeouts).
+SAMPLING_KEYS = ("backend", "temperature", "top_p", "max_tokens", "thinking", "seed", "dtype")
+
+
+def samples_fingerprint(cfg: EvalConfig, bench: BenchmarkConfig, prompt: PromptConfig) -> dict:
+    """The values a benchmark's sample records depend on, as dotted keys."""
+    g = cfg.generation
+    values = {f"generation.{k}": getattr(g, k) for k in SAMPLING_KEYS}
+    if g.backend == "openai":  # a served name: the endpoint and the tokenizer rendering its prompts stand for it
+        values.update({"model": cfg.model, "generation.base_url": g.base_url,
+                       "generation.tokenizer": file_identity(endpoint_tokenizer(cfg))})
+    else:  # the weights' folder (or checkpoint, or config.json and its seed) by content or file times
+        values.update({"model": file_identity(cfg.model) if Path(cfg.model).exists() else cfg.model,
+                       "init_seed": cfg.init_seed if Path(cfg.model).is_file() else None})
+    values.update({"prompt.system": prompt.system, "prompt.user": prompt.user, "grade_timeout": cfg.grade_timeout,
+                   "benchmark.name": bench.name})
+    if bench.name == "jsonl":
+        values.update({f"benchmark.{k}": getattr(bench, k) for k in ("problem_field", "answer_field", "id_field")})
+    if bench.name != "embedded":  # the embedded task's problems are fixed by their ids
+        path = bench.path or catalog.path_of(bench.name, cfg.data_root)
+        values["benchmark.file"] = file_identity(path) if Path(path).exists() else str(path)
+    return values
+
+
 
 def _label(bench: BenchmarkConfig) -> str:
     if bench.label:
@@ -241,6 +269,8 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
         prompt = prompts.resolve(bench, cfg.prompt)
         summary["prompts"][label] = dataclasses.asdict(prompt)
         path = out / f"{label}.jsonl"
+        guard_reuse([path], out / f"{label}.fingerprint.json", samples_fingerprint(cfg, bench, prompt),
+                    "generation.allow_config_change", g.allow_config_change)
         drop_torn_tail(path)
         done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}
         pending = [p for p in problems if any((p["id"], i) not in done for i in range(g.k))]
