@@ -41,3 +41,15 @@ def families(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     return {name: build_family(name, root / name) for name in FAMILIES}
 
+
+
+@pytest.fixture(scope="session")
+def megatron_workers(request, tmp_path_factory) -> dict[str, Path]:
+    """The folder each test module's megatron worker runs (its WORKER_RUNS) wrote to, {module name: folder}: the
+    runs of every module selected for this session share one launch per world size (tests/megatron_scripts/
+    run_many.py)."""
+    from tests.megatron_scripts.run_many import launch
+
+    modules = {item.module.__name__: item.module for item in request.session.items
+               if "megatron_workers" in item.fixturenames}
+    return launch({name: module.WORKER_RUNS for name, module in modules.items()}, tmp_path_factory.mktemp("megatron"))

@@ -1,7 +1,8 @@
 """megatron-core's distributed optimizer on CPU (gloo): DP=2 with it trains like DP=1 without it, its checkpoint
 resumes into other layouts with or without it, and each DP rank holds only its shard of the Adam state.
 
-Two worker runs of tests/megatron_scripts/distopt_train.py (megatron's global state stays out of pytest):
+Two worker runs of tests/megatron_scripts/distopt_train.py (megatron's global state stays out of pytest; the runs
+share their launch with the other megatron test modules'):
 - DP=2 (torchrun, 2 processes) with the distributed optimizer: 5 AdamW steps, a checkpoint after step 3; then the
   same processes rebuild megatron's groups as TP=2 and resume that checkpoint with and without the distributed
   optimizer (steps 4, 5);
@@ -13,34 +14,23 @@ DP=1 to the last printed digit, grad norms to ~1e-7 relative).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests/megatron_scripts/distopt_train.py"
 TOL = 1e-5
 
 
-def run_worker(args: list[str], nproc: int, timeout: int = 300) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(launcher + [str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+# (nproc, worker script, argv): launched with the other megatron modules' runs (tests/megatron_scripts/run_many.py)
+WORKER_RUNS = [
+    (2, "distopt_train", ["--distributed-optimizer", "--out", "{work}/dp2.json", "--save", "{work}/ckpt_dp2",
+                          "--load", "{work}/ckpt_dp2", "--resume-tp", "2"]),
+    (1, "distopt_train", ["--out", "{work}/dp1.json", "--load", "{work}/ckpt_dp2", "--resume-with", "regular"]),
+]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict]:
-    work = tmp_path_factory.mktemp("distopt")
-    ckpt = str(work / "ckpt_dp2")
-    run_worker(["--distributed-optimizer", "--out", str(work / "dp2.json"), "--save", ckpt, "--load", ckpt,
-                "--resume-tp", "2"], 2)
-    run_worker(["--out", str(work / "dp1.json"), "--load", ckpt, "--resume-with", "regular"], 1)
+def runs(megatron_workers) -> dict[str, dict]:
+    work = megatron_workers[__name__]
     return {name: json.loads((work / f"{name}.json").read_text()) for name in ("dp1", "dp2")}
 
 

@@ -1,8 +1,9 @@
 """megatron-core's activation recompute and sequence parallelism on the local spec (CPU).
 
 Two runs of tests/megatron_scripts/memory_modes.py (megatron's global state and the CPU device layer stay out of the
-pytest process): TP=1 (recompute modes against no recompute, and the reference losses) and TP=2 with sequence
-parallelism (alone and with either recompute), all from the same HF weights:
+pytest process; the runs share their launch with the other megatron test modules'): TP=1 (recompute modes against
+no recompute, and the reference losses) and TP=2 with sequence parallelism (alone and with either recompute), all
+from the same HF weights:
 - full and selective recompute give the gradients of no recompute (fp32: exactly), and really recompute (the layers
   or the core attention run twice per forward+backward);
 - TP=2 + sequence parallelism gives TP=1's losses over 3 AdamW steps (plain, packed with a mask, packed with
@@ -13,33 +14,22 @@ parallelism (alone and with either recompute), all from the same HF weights:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests/megatron_scripts/memory_modes.py"
 TOL = 1e-5
 
 
-def run_worker(args: list[str], nproc: int, timeout: int = 300) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(launcher + [str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+# (nproc, worker script, argv): launched with the other megatron modules' runs (tests/megatron_scripts/run_many.py)
+WORKER_RUNS = [
+    (2, "memory_modes", ["--tp", "2", "--hf", "{work}/hf_init", "--out", "{work}/tp2_sp.json"]),
+    (1, "memory_modes", ["--hf", "{work}/hf_init", "--out", "{work}/tp1.json"]),
+]
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict[str, dict]:
-    work = tmp_path_factory.mktemp("memory_modes")
-    hf = str(work / "hf_init")
-    run_worker(["--hf", hf, "--out", str(work / "tp1.json")], 1)
-    run_worker(["--tp", "2", "--hf", hf, "--out", str(work / "tp2_sp.json")], 2)
+def reports(megatron_workers) -> dict[str, dict]:
+    work = megatron_workers[__name__]
     return {name: json.loads((work / f"{name}.json").read_text()) for name in ("tp1", "tp2_sp")}
 
 

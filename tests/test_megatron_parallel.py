@@ -1,41 +1,33 @@
 """megatron-core engine: the same training losses at TP=1, TP=2 and PP=2; checkpoints reshard across layouts.
 
-Each layout runs tests/megatron_scripts/parallel_train.py in its own process(es) (megatron's global state and the
-CPU device layer stay out of the pytest process). All layouts load the same HF weights, so the first 3 AdamW
-steps must agree to 1e-5; the TP=2 run saves a checkpoint that the PP=2 and TP=1 runs load.
+Each layout is a run of tests/megatron_scripts/parallel_train.py outside the pytest process (megatron's global state
+and the CPU device layer stay out of it; the runs share their launch with the other megatron test modules'). All
+layouts load the same HF weights, so the first 3 AdamW steps must agree to 1e-5; the TP=2 run saves a checkpoint
+that the PP=2 and TP=1 runs load.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests/megatron_scripts/parallel_train.py"
 TOL = 1e-5
 
 
-def run_worker(args: list[str], nproc: int, timeout: int = 300) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(launcher + [str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+# (nproc, worker script, argv): launched with the other megatron modules' runs (tests/megatron_scripts/run_many.py)
+WORKER_RUNS = [
+    (2, "parallel_train", ["--tp", "2", "--hf", "{work}/hf_init", "--out", "{work}/tp2.json",
+                           "--save", "{work}/ckpt_tp2"]),
+    (2, "parallel_train", ["--pp", "2", "--hf", "{work}/hf_init", "--out", "{work}/pp2.json",
+                           "--load", "{work}/ckpt_tp2"]),
+    (1, "parallel_train", ["--hf", "{work}/hf_init", "--out", "{work}/tp1.json", "--load", "{work}/ckpt_tp2"]),
+]
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory) -> dict[str, dict]:
-    work = tmp_path_factory.mktemp("parallel")
-    hf = str(work / "hf_init")
-    run_worker(["--tp", "2", "--hf", hf, "--out", str(work / "tp2.json"), "--save", str(work / "ckpt_tp2")], 2)
-    run_worker(["--pp", "2", "--hf", hf, "--out", str(work / "pp2.json"), "--load", str(work / "ckpt_tp2")], 2)
-    run_worker(["--hf", hf, "--out", str(work / "tp1.json"), "--load", str(work / "ckpt_tp2")], 1)
+def layouts(megatron_workers) -> dict[str, dict]:
+    work = megatron_workers[__name__]
     return {name: json.loads((work / f"{name}.json").read_text()) for name in ("tp1", "tp2", "pp2")}
 
 

@@ -5,9 +5,6 @@ returns layouts that split the model and fit, and a layout that does not fit is 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,6 @@ from recipes.config import ConfigError, resolve_path
 from recipes.megatron.providers import load_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests/megatron_scripts/held_bytes.py"
 GIB = 1024**3
 # tiny-qwen2: tied embeddings and qkv bias; tiny-llama3: untied output layer, no bias
 LAYOUTS = {
@@ -25,6 +21,10 @@ LAYOUTS = {
     ("tiny-qwen2", 2): "tp2,pp2,dp2,dp2-distopt,tp2-distopt-bf16",
     ("tiny-llama3", 2): "tp2,pp2-distopt,dp2-distopt-bf16",
 }
+# (nproc, worker script, argv): launched with the other megatron modules' runs (tests/megatron_scripts/run_many.py)
+WORKER_RUNS = [(nproc, "held_bytes", ["--config", f"recipes/assets/models/{model}/config.json", "--layouts", layouts,
+                                      "--out", f"{{work}}/{model}-{nproc}"])
+               for (model, nproc), layouts in LAYOUTS.items()]
 
 
 def hf(name: str) -> dict:
@@ -32,20 +32,12 @@ def hf(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def held(tmp_path_factory) -> dict:
+def held(megatron_workers) -> dict:
     out = {}
-    work = tmp_path_factory.mktemp("held")
-    for (model, nproc), layouts in LAYOUTS.items():
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        launcher = [sys.executable] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        prefix = work / f"{model}-{nproc}"
-        proc = subprocess.run(launcher + [str(SCRIPT), "--config", f"recipes/assets/models/{model}/config.json",
-                                          "--layouts", layouts, "--out", str(prefix)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    work = megatron_workers[__name__]
+    for model, nproc in LAYOUTS:
         for rank in range(nproc):
-            for layout, report in json.loads(Path(f"{prefix}.{rank}.json").read_text()).items():
+            for layout, report in json.loads((work / f"{model}-{nproc}.{rank}.json").read_text()).items():
                 out[(model, layout, rank)] = report
     return out
 

@@ -77,7 +77,7 @@ def rank_info(chunks, optimizer) -> dict:
             "grad_buffer_numel_unpadded": sum(buf.numel_unpadded for buf in buffers)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--distributed-optimizer", action="store_true")
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--resume-with", default="regular,distributed")
     parser.add_argument("--resume-tp", type=int, help="TP of the resumed runs (default: --tp)")
     parser.add_argument("--no-train", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     hf = providers.load_hf_config(CONFIG)
@@ -125,8 +125,8 @@ def main() -> None:
             report["resumed"][kind] = {"step": step, "losses": losses, "grad_norms": norms}
     if runtime.rank() == 0:
         Path(args.out).write_text(json.dumps(report))
-    runtime.destroy_distributed()
 
 
 if __name__ == "__main__":
     main()
+    runtime.destroy_distributed()

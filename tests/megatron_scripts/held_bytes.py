@@ -109,12 +109,12 @@ def saved_bytes(model, batch) -> dict[str, int]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--layouts", required=True)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     hf = providers.load_hf_config(args.config)
     reports = {name: measure(hf, name) for name in args.layouts.split(",")}

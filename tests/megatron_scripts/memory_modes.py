@@ -153,12 +153,12 @@ def train_report(hf: dict, hf_weights: dict, tp: int, **overrides) -> dict:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--hf", required=True, help="folder of the HF inits (created when missing)")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     configs = hf_configs()
@@ -189,8 +189,8 @@ def main() -> None:
             report["odd_length_error"] = str(err)
     if runtime.rank() == 0:
         Path(args.out).write_text(json.dumps(report))
-    runtime.destroy_distributed()
 
 
 if __name__ == "__main__":
     main()
+    runtime.destroy_distributed()

@@ -95,7 +95,7 @@ def packed_check(chunks, hf) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--save", help="save a checkpoint here after training")
     parser.add_argument("--load", help="afterwards, load this checkpoint and report the eval loss")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     hf = providers.load_hf_config(CONFIG)
@@ -148,8 +148,8 @@ def main() -> None:
         report["eval_loss_loaded"] = ts.forward_backward(fresh, eval_batch, S, forward_only=True)["loss"]
     if runtime.rank() == 0:
         Path(args.out).write_text(json.dumps(report))
-    runtime.destroy_distributed()
 
 
 if __name__ == "__main__":
     main()
+    runtime.destroy_distributed()
