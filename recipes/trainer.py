@@ -28,6 +28,7 @@ from typing import Callable, Literal
 
 from recipes.config import ConfigError, load_config, resolve_path, save_config
 from recipes.data.sft_dataset import DataConfig
+from recipes.megatron.lora import PeftConfig
 from recipes.resume import (PREEMPTED, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag, check_fingerprint,
                             drop_rows_after, preempted_exit, save_training_checkpoint)
 
@@ -163,7 +164,9 @@ class SFTConfig:
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-    export_hf: bool = True  # write <output_dir>/hf at the end (for evaluation and vLLM)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)  # LoRA on a frozen base
+    # write <output_dir>/hf at the end (for evaluation and vLLM); with LoRA merged, and the PEFT adapter in hf_lora
+    export_hf: bool = True
 
 
 def world_size(cfg) -> int:
@@ -209,9 +212,18 @@ def check_parallel(p: ParallelConfig) -> None:
                           "with CUDA), which this machine does not have; use cp: 1")
 
 
+def lora_of(cfg):
+    """The stage's LoRA config when it trains adapters, else None."""
+    peft = getattr(cfg, "peft", None)
+    return peft.lora if peft is not None and peft.lora.enabled else None
+
+
 def check_config(cfg: SFTConfig) -> None:
+    from recipes.megatron.lora import check_config as check_lora
+
     p = cfg.parallel
     check_parallel(p)
+    check_lora(cfg.peft.lora)
     if cfg.training.max_steps is None and cfg.training.epochs is None:
         raise ConfigError("training: set max_steps or epochs")
     if cfg.data.think_ratio is not None and not 0.0 <= cfg.data.think_ratio <= 1.0:
@@ -284,10 +296,18 @@ def build_model_and_optimizer(cfg, steps: int):
     hf = providers.load_hf_config(architecture(cfg.model))
     t = cfg.training
     p = cfg.parallel
-    chunks = providers.build_model(hf, p.tp, p.pp, seed=t.seed, dtype=model_dtype(cfg),
-                                   distributed_optimizer=p.distributed_optimizer,
-                                   config_overrides=providers.memory_overrides(p.sequence_parallel, p.recompute,
-                                                                               p.cp))
+    overrides = providers.memory_overrides(p.sequence_parallel, p.recompute, p.cp)
+    if lora_of(cfg) is not None:  # the base (init_checkpoint, else the seed's random init) frozen, adapters trained
+        from recipes.megatron.hf_checkpoint import build_adapted_model
+
+        init = cfg.model.init_checkpoint
+        base = {"init_checkpoint": str(resolve_path(init)) if init else None,
+                "hf_config": str(architecture(cfg.model)), "seed": t.seed}
+        chunks = build_adapted_model(hf, lora_of(cfg), base, p.tp, p.pp, dtype=model_dtype(cfg),
+                                     config_overrides=overrides, distributed_optimizer=p.distributed_optimizer)
+    else:
+        chunks = providers.build_model(hf, p.tp, p.pp, seed=t.seed, dtype=model_dtype(cfg),
+                                       distributed_optimizer=p.distributed_optimizer, config_overrides=overrides)
     optimizer = train_step.build_optimizer(chunks, lr=t.lr, weight_decay=t.weight_decay,
                                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, clip_grad=t.grad_clip,
                                            min_lr=t.min_lr, distributed=p.distributed_optimizer)
@@ -386,7 +406,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
         check_fingerprint(cfg, ckpt_dir, start)
         runtime.set_rng_state(extra["rng"])
         runtime.print_rank0(f"[{stage}] resumed from {ckpt_dir} at step {start}")
-    elif cfg.model.init_checkpoint:
+    elif cfg.model.init_checkpoint and lora_of(cfg) is None:  # a LoRA base is loaded when it is built
         from recipes.megatron.hf_checkpoint import load_pretrained
 
         load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
@@ -462,9 +482,12 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     logger.close()
     runtime.barrier()
     if cfg.export_hf:
-        from recipes.megatron.hf_checkpoint import export_to_hf
+        from recipes.megatron.hf_checkpoint import export_lora_adapter, export_to_hf
 
-        summary["hf_dir"] = str(export_to_hf(ckpt_dir, run_dir / "hf"))  # collective: every rank takes part
+        # collective: every rank takes part
+        summary["hf_dir"] = str(export_to_hf(ckpt_dir, run_dir / "hf", merge_lora=lora_of(cfg) is not None))
+        if lora_of(cfg) is not None and cfg.parallel.pp == 1:
+            summary["hf_lora_dir"] = str(export_lora_adapter(ckpt_dir, run_dir / "hf_lora"))
     if rank0:
         import json
 

@@ -64,6 +64,7 @@ _ITER = re.compile(r"^iter_(\d{7,})(\.old)?$")
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+ADAPTER_FILE = "adapter.json"  # a LoRA step's adapter config, base identity and base weights' sha256
 _NUMPY = "__numpy_array__"  # tags a numpy array stored as a tensor in trainer_state.pt
 
 
@@ -397,14 +398,23 @@ def _is_distributed(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in _inner_optimizers(optimizer))
 
 
+def _model_state(model) -> dict:
+    """The model's sharded state; only its LoRA adapters when it trains them on a frozen base, which is not saved
+    (it comes from its own checkpoint, identified in the step's adapter.json)."""
+    sd = model.sharded_state_dict()
+    if getattr(model, "adapters_only_checkpoint", False):
+        sd = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    return sd
+
+
 def _sharded_state_dict(model_chunks, optimizer, is_loading: bool) -> dict:
     models = providers.unwrap(model_chunks)
     sd = {}
     if len(models) == 1:
-        sd["model"] = models[0].sharded_state_dict()
+        sd["model"] = _model_state(models[0])
     else:
         for i, m in enumerate(models):
-            sd[f"model{i}"] = m.sharded_state_dict()
+            sd[f"model{i}"] = _model_state(m)
     if optimizer is not None:
         if is_loading:
             for inner in _inner_optimizers(optimizer):
@@ -541,6 +551,9 @@ def save_checkpoint(ckpt_dir, step: int, model_chunks: list, optimizer=None, sch
         state = {"step": int(step), "extra": extra or {},
                  "scheduler": scheduler.state_dict() if scheduler is not None else None}
         _write_trainer_state(tmp / TRAINER_STATE, state)
+        adapter = getattr(providers.unwrap(model_chunks)[0], "adapter_description", None)
+        if adapter is not None:
+            _atomic_write(tmp / ADAPTER_FILE, json.dumps(adapter, indent=2))
     barrier()
     _write_manifest(tmp, step)
     if _rank() == 0:
@@ -557,6 +570,24 @@ def save_checkpoint(ckpt_dir, step: int, model_chunks: list, optimizer=None, sch
 def _publish(tmp: Path, final: Path) -> None:
     """The step becomes visible (a seam of its own: the tests kill a save right before it)."""
     replace_dir(tmp, final)
+
+
+def check_adapter_checkpoint(step_folder: Path, description: dict) -> None:
+    """An adapter checkpoint step loads only onto the base and adapter shape it was trained with."""
+    path = Path(step_folder) / ADAPTER_FILE
+    if not path.is_file():
+        raise ValueError(f"{step_folder}: not a LoRA adapter checkpoint (no {ADAPTER_FILE}); a full checkpoint "
+                         "is a base model: give it as model.init_checkpoint")
+    saved = json.loads(path.read_text())
+    if saved["base_sha256"] != description["base_sha256"]:
+        raise ValueError(f"{path}: the adapters were trained on another base model (weights sha256 "
+                         f"{saved['base_sha256'][:16]}..., base {saved['base']}) than the one loaded "
+                         f"({description['base_sha256'][:16]}..., base {description['base']}): load them onto "
+                         "the base they were trained on")
+    for key in ("r", "target_modules"):
+        if saved["lora"][key] != description["lora"][key]:
+            raise ValueError(f"{path}: saved with peft.lora.{key}={saved['lora'][key]!r}, this model has "
+                             f"{description['lora'][key]!r}")
 
 
 def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, scheduler=None, step: int | None = None):
@@ -589,13 +620,18 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, scheduler=None
     if optimizer is not None and _is_distributed(optimizer) and not saved_distributed:
         raise ValueError(f"{d}: saved without the distributed optimizer, which cannot be resumed with "
                          "parallel.distributed_optimizer=true; resume it with the setting it was saved with")
+    models = providers.unwrap(model_chunks)
+    adapter = getattr(models[0], "adapter_description", None)
+    if adapter is not None:
+        check_adapter_checkpoint(d, adapter)
     sd = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
     if optimizer is not None:
         _match_saved_main_params(sd["optimizer"], optimizer, saved_keys)
     loaded = dist_checkpointing.load(sd, str(d))
-    models = providers.unwrap(model_chunks)
     for i, m in enumerate(models):
-        m.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"], strict=True)
+        # adapters only: the frozen base was loaded from its own checkpoint before
+        m.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"],
+                          strict=not getattr(m, "adapters_only_checkpoint", False))
     if optimizer is not None:
         opt_sd = loaded["optimizer"]
         if saved_distributed and not _is_distributed(optimizer):

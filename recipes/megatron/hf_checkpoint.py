@@ -123,17 +123,82 @@ def init_tiny_checkpoint(hf_config_path, out_dir, seed: int = 0) -> Path:
         return checkpointing.save_checkpoint(out_dir, 0, chunks, hf_config=hf, tokenizer_dir=tok_dir)
 
 
-def export_to_hf(ckpt, out, step: int | None = None, tp: int = 1, pp: int = 1) -> Path:
+def build_adapted_model(hf: dict, lora_cfg, base: dict, tp: int, pp: int, *, ddp: bool = True, dtype=None,
+                        config_overrides: dict | None = None, distributed_optimizer: bool = False) -> list:
+    """The frozen base model with LoRA adapters (`recipes.megatron.lora`): built from `base["seed"]`, loaded from
+    `base["init_checkpoint"]` when set, fingerprinted (the sha256 adapter checkpoints record and are checked
+    against), then adapted and (ddp=True) wrapped in DDP, which then holds gradients for the adapters only."""
+    from recipes.megatron import lora, providers
+
+    chunks = providers.build_model(hf, tp, pp, seed=base["seed"], ddp=False, dtype=dtype,
+                                   config_overrides=config_overrides)
+    if base.get("init_checkpoint"):
+        load_pretrained(chunks, base["init_checkpoint"])
+    sha256 = lora.base_fingerprint(chunks, hf)
+    lora.apply_lora(chunks, lora_cfg, seed=base["seed"])
+    for model in chunks:
+        model.adapter_description = lora.adapter_description(lora_cfg, base, sha256)
+    return providers.wrap_ddp(chunks, distributed_optimizer) if ddp else chunks
+
+
+def adapter_of(ckpt, step: int | None = None) -> dict | None:
+    """A LoRA checkpoint step's adapter.json (its LoRA config and base), None for a full checkpoint."""
+    from recipes.megatron import checkpointing
+
+    step = checkpointing.latest_step(ckpt) if step is None else step
+    path = checkpointing.step_dir(ckpt, step) / checkpointing.ADAPTER_FILE if step is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _load_adapted(ckpt, adapter: dict, hf: dict, tp: int, pp: int, step: int | None) -> list:
+    from recipes.megatron import checkpointing, lora
+
+    chunks = build_adapted_model(hf, lora.LoraConfig(**adapter["lora"]), adapter["base"], tp, pp, ddp=False)
+    if checkpointing.load_checkpoint(ckpt, chunks, step=step) is None:
+        raise FileNotFoundError(f"{ckpt}: no complete checkpoint (no 'latest' marker)")
+    return chunks
+
+
+def export_lora_adapter(ckpt, out, step: int | None = None, tp: int = 1) -> Path:
+    """A LoRA checkpoint's adapters -> a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) for
+    the HF export of its base model (collective inside a distributed run, at pp=1)."""
+    from recipes.megatron import checkpointing, lora, runtime
+
+    hf = checkpointing.read_hf_config(ckpt)
+    adapter = adapter_of(ckpt, step)
+    if adapter is None:
+        raise ValueError(f"{ckpt}: not a LoRA checkpoint (no {checkpointing.ADAPTER_FILE} in its step): nothing to "
+                         "export as an adapter")
+    with _runtime(tp, 1) as (tp, _):
+        chunks = _load_adapted(ckpt, adapter, hf, tp, 1, step)
+        state = lora.peft_state_dict(chunks, hf)
+        if runtime.rank() == 0:
+            lora.write_peft_adapter(out, state, lora.LoraConfig(**adapter["lora"]),
+                                    adapter["base"].get("init_checkpoint"), _hf_dtype(hf))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    return Path(out)
+
+
+def export_to_hf(ckpt, out, step: int | None = None, tp: int = 1, pp: int = 1, merge_lora: bool = False) -> Path:
     """Megatron checkpoint -> HF folder. Inside a distributed run it uses the run's layout (collective; rank 0
-    writes); otherwise it runs in this process at TP=PP=1."""
+    writes); otherwise it runs in this process at TP=PP=1. A LoRA checkpoint (adapters only) is exported merged
+    into its base with `merge_lora=True`."""
     from recipes.megatron import checkpointing, hf_mapping, providers, runtime
 
     hf = checkpointing.read_hf_config(ckpt)
     tok_dir = Path(ckpt) / "tokenizer"
     _check_tokenizer(hf, tok_dir, f"{Path(ckpt) / 'hf_config.json'}")
+    adapter = adapter_of(ckpt, step)
+    if adapter is not None and not merge_lora:
+        raise ValueError(f"{ckpt}: a LoRA checkpoint (adapters only): export it merged into its base with "
+                         "--merge-lora, or as a PEFT adapter with --lora-adapter")
     with _runtime(tp, pp) as (tp, pp):
-        chunks = providers.build_model(hf, tp, pp, seed=0, ddp=False)
-        loaded = checkpointing.load_checkpoint(ckpt, chunks, step=step)
+        if adapter is not None:
+            chunks, loaded = _load_adapted(ckpt, adapter, hf, tp, pp, step), True
+        else:
+            chunks = providers.build_model(hf, tp, pp, seed=0, ddp=False)
+            loaded = checkpointing.load_checkpoint(ckpt, chunks, step=step)
         if loaded is None:
             raise FileNotFoundError(f"{ckpt}: no complete checkpoint (no 'latest' marker)")
         state = hf_mapping.megatron_to_hf(chunks, hf)

@@ -72,6 +72,8 @@ def _mapping(name: str, layer_numbers: dict[int, int], hf: dict) -> tuple[str, l
         return "vocab", ["lm_head.weight"]
     if name == "decoder.final_layernorm.weight":
         return "replicated", ["model.norm.weight"]
+    if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+        return None  # LoRA adapters (recipes.megatron.lora): exported merged into their layer's weight
     m = _LAYER.match(name)
     if m and m.group(2) in _LAYER_PARAMS:
         kind, hf_names = _LAYER_PARAMS[m.group(2)]
@@ -181,6 +183,8 @@ def load_hf_into_megatron(model_chunks: list, hf_state_dict: dict[str, torch.Ten
             for name, param in model.named_parameters():
                 if name == "output_layer.weight" and hf.get("tie_word_embeddings", False):
                     kind, hf_names = "vocab", ["model.embed_tokens.weight"]
+                elif _mapping(name, layers, hf) is None:
+                    continue  # LoRA adapters: not part of the HF model
                 else:
                     kind, hf_names = _mapping(name, layers, hf)
                 src = _to_shard(kind, [hf_state_dict[n] for n in hf_names], hf, tp, tp_rank, param.shape[0] * tp)
@@ -201,6 +205,13 @@ def _gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _exported(model, name: str, param: torch.Tensor) -> torch.Tensor:
+    """A parameter's value as HF sees it: a LoRA-adapted layer's weight with its adapter merged in."""
+    module, _, leaf = name.rpartition(".")
+    layer = model.get_submodule(module) if leaf == "weight" else None
+    return layer.merged_weight() if hasattr(layer, "merged_weight") else param.detach()
+
+
 def _local_hf_tensors(model, hf: dict):
     """(HF name, full tensor) for this PP stage's parameters (TP collective)."""
     layers = _layer_numbers(model)
@@ -208,8 +219,8 @@ def _local_hf_tensors(model, hf: dict):
         mapped = _mapping(name, layers, hf)
         if mapped is None:
             continue
-        kind = mapped[0]
-        shards = [param.detach()] if kind == "replicated" else _gather_tp(param.detach())
+        kind, value = mapped[0], _exported(model, name, param)
+        shards = [value] if kind == "replicated" else _gather_tp(value)
         yield from zip(mapped[1], _from_shards(kind, shards, hf))
 
 
@@ -279,8 +290,8 @@ def _local_units(model, hf: dict):
             yield unit if tp_rank == 0 else None
             unit = []
         prefix = module
-        kind = mapped[0]
-        shards = [param.detach()] if kind == "replicated" else _gather_tp_to_first(param.detach())
+        kind, value = mapped[0], _exported(model, name, param)
+        shards = [value] if kind == "replicated" else _gather_tp_to_first(value)
         if tp_rank == 0:
             # clone a replicated parameter: the engine must not hold (or see later updates of) the trainer's storage
             tensors = [shards[0].clone()] if kind == "replicated" else _from_shards(kind, shards, hf)

@@ -255,6 +255,12 @@ def build_model(hf: dict, tp: int = 1, pp: int = 1, seed: int = 0, *, ddp: bool 
     return [_wrap_ddp(model, config, distributed_optimizer)]
 
 
+def wrap_ddp(chunks: list, distributed_optimizer: bool = False) -> list:
+    """megatron's DDP around bare chunks, as `build_model(ddp=True)` returns them (after freezing some parameters
+    with `build_model(ddp=False)`: DDP keeps grad buffers for trainable parameters only)."""
+    return [_wrap_ddp(m, m.config, distributed_optimizer) for m in chunks]
+
+
 def _wrap_ddp(model, config, distributed_optimizer: bool = False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
