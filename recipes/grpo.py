@@ -23,6 +23,7 @@ import torch
 
 from recipes import task
 from recipes.config import ConfigError, resolve_path, save_config
+from recipes.distillation import DistillConfig, check_distill, kl_coef_at, kl_rows, on_policy_advantages
 from recipes.generation.backend import SamplingParams
 from recipes.rl.advantages import group_advantages, informative_groups
 from recipes.rl.losses import LossConfig, policy_loss, reduce_loss
@@ -96,6 +97,8 @@ class GRPOConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=0))
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     rejection: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
+    # a teacher: on-policy distillation (its per-token log-probs as advantages) or KDRL (GRPO + KL to it)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
 
 def check_config(cfg: GRPOConfig) -> None:
@@ -121,6 +124,10 @@ def check_config(cfg: GRPOConfig) -> None:
         check_weights(cfg.rewards)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_distill(cfg.distill)
+    if cfg.distill.teacher and cfg.distill.mode == "kdrl" and cfg.loss.kl_coef > 0:
+        raise ConfigError("loss.kl_coef (KL to the starting policy) and distill.mode=kdrl (KL to the teacher) "
+                          "share the loss's one KL term: set loss.kl_coef=0 or use on_policy")
 
 
 # ------------------------------------------------------------------------------ prompts and rollouts
@@ -240,6 +247,14 @@ def build_batch(groups: list[Group], std_normalize: bool, pad_id: int) -> dict[s
     return out
 
 
+def distill_gap(teacher_logp: torch.Tensor, batch: dict) -> dict:
+    """The sampled-token estimate of KL(student || teacher) per response token (what on-policy distillation
+    lowers), from the student's log-probs before this step's updates."""
+    inside = batch["loss_mask"] > 0
+    gap = (batch["old_logp"] - teacher_logp)[inside]
+    return {"distill/reverse_kl": float(gap.mean()) if gap.numel() else 0.0}
+
+
 def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
     """The megatron `loss_fn(logits, batch) -> (loss_sum, denominator)` of the chosen variant.
 
@@ -258,7 +273,9 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
         # rows of an update made before any other from this batch are scored by this forward pass itself
         fresh = ~inside | batch["on_policy"] if "on_policy" in batch else ~inside
         old = torch.where(fresh, logp.detach(), batch["old_logp"])
-        ref = None if batch.get("ref_logp") is None else torch.where(inside, batch["ref_logp"], logp.detach())
+        # KDRL's reward-guided masking: rows outside kl_rows are compared with themselves (a zero KL term)
+        kl_inside = inside & batch["kl_rows"][:, None] if "kl_rows" in batch else inside
+        ref = None if batch.get("ref_logp") is None else torch.where(kl_inside, batch["ref_logp"], logp.detach())
         # the engine's log-probs of the sampled tokens: mismatch telemetry, and the TIS weights with loss.tis_cap
         engine = None if batch.get("engine_logp") is None else torch.where(inside, batch["engine_logp"], old)
         loss_sum, denom, micro_stats = policy_loss(logp, old, batch["adv"], batch["loss_mask"], cfg, ref, engine)
@@ -310,7 +327,7 @@ def rows_to_train(batch: dict, rows: list[int], cfg: LossConfig) -> tuple[list[i
     """
     if cfg.kl_coef > 0 or not rows:
         return rows, 0.0
-    keep = [r for r in rows if float(batch["adv"][r]) != 0.0] or rows[:1]
+    keep = [r for r in rows if float(batch["adv"][r].abs().sum()) != 0.0] or rows[:1]
     idle = sorted(set(rows) - set(keep))
     if not idle:
         return keep, 0.0
@@ -451,6 +468,13 @@ def train(cfg: GRPOConfig) -> dict:
                                            config_overrides=providers.memory_overrides(cfg.parallel.sequence_parallel))
         for ref, pol in zip(ref_chunks, providers.unwrap(chunks)):
             ref.load_state_dict(pol.state_dict())
+    teacher_chunks = None
+    if cfg.distill.teacher:
+        from recipes.distillation import build_frozen_teacher
+        from recipes.trainer import model_dtype
+
+        teacher_chunks = build_frozen_teacher(cfg.distill.teacher, cfg.distill.teacher_hf_config, cfg.model,
+                                              cfg.parallel, cfg.training.seed, model_dtype(cfg))
     start = 0
     if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
         start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
@@ -500,20 +524,36 @@ def train(cfg: GRPOConfig) -> dict:
                       for epoch in range(g.epochs)]
             shares = [[order[k * per_update:(k + 1) * per_update][dp_rank::dp] for k in range(g.minibatches)]
                       for order in orders]
+            loss_cfg, distill_metrics = cfg.loss, {}
+            if teacher_chunks is not None:  # the teacher scores the student's sampled tokens
+                teacher_logp = full_logprobs(teacher_chunks, batch, g.micro_batch_size, temperature, same_shape)
+                if cfg.distill.mode == "on_policy":  # advantages need the student's log-probs of every row first
+                    batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, same_shape)
+                    distill_metrics = distill_gap(teacher_logp, batch)
+                    batch["adv"] = on_policy_advantages(teacher_logp, batch["old_logp"], batch["loss_mask"],
+                                                        batch["adv"], cfg.distill)
+                else:  # kdrl: the loss's KL term, to the teacher, on the rows reward_guided leaves it
+                    batch["ref_logp"] = teacher_logp
+                    rewards = torch.tensor([r for gr in groups for r in gr.rewards])
+                    batch["kl_rows"] = kl_rows(rewards, cfg.distill)
+                    loss_cfg = dataclasses.replace(cfg.loss, kl_coef=kl_coef_at(cfg.distill, step, g.steps))
+                    distill_metrics = {"distill/kl_coef": loss_cfg.kl_coef,
+                                       "distill/kl_rows": float(batch["kl_rows"].float().mean())}
             # which rows each update trains: with pipeline parallelism all of them (micro-batches keep one shape)
-            updates = [[(rows, 0.0) if same_shape else rows_to_train(batch, rows, cfg.loss) for rows in per_epoch]
+            updates = [[(rows, 0.0) if same_shape else rows_to_train(batch, rows, loss_cfg) for rows in per_epoch]
                        for per_epoch in shares]
             # the first update scores its rows in its own forward pass (the weights have not moved yet); the
             # others need them from before the first update
             later = sorted({r for e, per_epoch in enumerate(updates) for k, (rows, _) in enumerate(per_epoch)
                             if (e, k) != (0, 0) for r in rows})
-            batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, same_shape, later)
+            if "old_logp" not in batch:
+                batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, same_shape, later)
             if ref_chunks is not None:
                 batch["ref_logp"] = full_logprobs(ref_chunks, batch, g.micro_batch_size, temperature, same_shape)
 
             # 3. several clipped updates: minibatches x epochs, each split over DP ranks and micro-batches
             loss_stats: list = []
-            loss_fn = make_loss_fn(cfg.loss, loss_stats, temperature)
+            loss_fn = make_loss_fn(loss_cfg, loss_stats, temperature)
             reports = []
             for epoch in range(g.epochs):
                 for k in range(g.minibatches):
@@ -533,6 +573,7 @@ def train(cfg: GRPOConfig) -> dict:
 
             done = step + 1
             metrics = step_metrics(groups, batch, loss_stats, reports, sample_stats, tokenizer)
+            metrics.update(distill_metrics)
             if rank0:
                 log_rollouts(run_dir / "rollouts.jsonl", done, groups[:1], tokenizer)
             metrics.update(gen_seconds=t_gen, train_seconds=t_train, refit_seconds=t_refit,
