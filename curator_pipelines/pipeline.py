@@ -33,7 +33,7 @@ RESULTS_FINGERPRINT = "generations.fingerprint.json"
 QUARANTINE_FILE = "quarantine.jsonl"
 # What a teacher's responses depend on (n_samples is not: sample i is asked the same way whatever the count, so
 # more samples reuse the earlier ones; nor are the client's concurrency, timeouts and retries). With the embedded
-# teacher, base_url is a new free port each run: its config file and overrides stand for it.
+# teacher, base_url is a new free port each run: its config (teacher_config + teacher_overrides) stands for it.
 GENERATION_KEYS = ("source", "model", "system_prompt", "prompt_template", "temperature", "top_p", "max_tokens",
                    "seed")
 INPUT_KEYS = ("format", "id_field", "problem_field", "answer_field", "answer_regex")
@@ -156,9 +156,13 @@ def generation_fingerprint(cfg: CurateConfig) -> dict:
 
     g = cfg.generation
     values = {f"generation.{k}": getattr(g, k) for k in GENERATION_KEYS}
-    if g.embedded_teacher:
-        values["generation.teacher_config"] = file_identity(g.teacher_config)
-        values["generation.teacher_overrides"] = list(g.teacher_overrides)
+    if g.embedded_teacher:  # what its responses depend on; not its port, latency, faults, key or log
+        from recipes.config import load_config
+        from recipes.fingerprint import flatten
+        from recipes.teacher.server import TeacherServerConfig
+
+        teacher = dataclasses.asdict(load_config(TeacherServerConfig, g.teacher_config, list(g.teacher_overrides)))
+        values.update(flatten({k: teacher[k] for k in ("model", "reasoning_field", "traces")}, prefix="teacher."))
     else:
         values["generation.base_url"] = g.base_url
     values.update({f"input.{k}": getattr(cfg.input, k) for k in INPUT_KEYS})

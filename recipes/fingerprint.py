@@ -69,14 +69,16 @@ def write_stamp(stamp: Path, values: dict) -> None:
 
 
 def guard_reuse(outputs: list[Path], stamp: Path, values: dict, override_key: str, allow: bool,
-                log=print) -> None:
+                log=print, unknown: tuple = ()) -> None:
     """Before appending to `outputs`, which a rerun reuses: if `stamp` says they were made under other values, a
     ConfigError naming each changed key, unless `allow` (the config's `override_key`): then they are renamed
     `<name>.stale-<hash>` (kept) and made again. Then the stamp is (re)written for what follows. Outputs older
-    than stamps (none beside them) are reused unchecked."""
+    than stamps (none beside them) are reused unchecked; so are the `unknown` keys, which this run cannot tell
+    (they keep their saved values)."""
     existing = [p for p in outputs if p.exists() and p.stat().st_size]
     if stamp.is_file() and existing:
         saved = json.loads(stamp.read_text(encoding="utf-8"))
+        values = {**values, **{k: saved["config"][k] for k in unknown if k in saved["config"]}}
         changed = changes(saved["config"], values)
         if changed and not allow:
             names = ", ".join(p.name for p in existing)

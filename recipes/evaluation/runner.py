@@ -269,8 +269,10 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
         prompt = prompts.resolve(bench, cfg.prompt)
         summary["prompts"][label] = dataclasses.asdict(prompt)
         path = out / f"{label}.jsonl"
+        # a model not on this machine cannot be identified: only finished samples can be summarised without it
+        unknown = ("model",) if g.backend != "openai" and not Path(cfg.model).exists() else ()
         guard_reuse([path], out / f"{label}.fingerprint.json", samples_fingerprint(cfg, bench, prompt),
-                    "generation.allow_config_change", g.allow_config_change)
+                    "generation.allow_config_change", g.allow_config_change, unknown=unknown)
         drop_torn_tail(path)
         done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}
         pending = [p for p in problems if any((p["id"], i) not in done for i in range(g.k))]
