@@ -37,6 +37,8 @@ QUARANTINE_FILE = "quarantine.jsonl"
 GENERATION_KEYS = ("source", "model", "system_prompt", "prompt_template", "temperature", "top_p", "max_tokens",
                    "seed")
 INPUT_KEYS = ("format", "id_field", "problem_field", "answer_field", "answer_regex")
+# the embedded teacher's settings its responses do not depend on
+TEACHER_AS_IS = ("host", "port", "latency_s", "log_path", "auth_key_env", "faults")
 
 
 # ------------------------------------------------------------------ set-up
@@ -156,13 +158,16 @@ def generation_fingerprint(cfg: CurateConfig) -> dict:
 
     g = cfg.generation
     values = {f"generation.{k}": getattr(g, k) for k in GENERATION_KEYS}
-    if g.embedded_teacher:  # what its responses depend on; not its port, latency, faults, key or log
-        from recipes.config import load_config
+    if g.embedded_teacher:  # what its responses depend on: its config as `nrr teacher serve` reads it
+        from recipes.config import parse_override, read_yaml
         from recipes.fingerprint import flatten
-        from recipes.teacher.server import TeacherServerConfig
 
-        teacher = dataclasses.asdict(load_config(TeacherServerConfig, g.teacher_config, list(g.teacher_overrides)))
-        values.update(flatten({k: teacher[k] for k in ("model", "reasoning_field", "traces")}, prefix="teacher."))
+        teacher = flatten(read_yaml(g.teacher_config)[0], skip=TEACHER_AS_IS)
+        for text in g.teacher_overrides:
+            key, value = parse_override(text)
+            if not any(key == k or key.startswith(k + ".") for k in TEACHER_AS_IS):
+                teacher.update(flatten({key: value}))
+        values.update({f"teacher.{k}": v for k, v in teacher.items()})
     else:
         values["generation.base_url"] = g.base_url
     values.update({f"input.{k}": getattr(cfg.input, k) for k in INPUT_KEYS})

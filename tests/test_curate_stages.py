@@ -497,3 +497,16 @@ def test_generations_are_reused_only_under_the_settings_that_made_them(tmp_path)
         _write_problems(src, task.train_problems([1], 4, seed=7))  # other problems under the same path
         with pytest.raises(ConfigError, match=r"input\.path: 'sha256:[0-9a-f]+' -> 'sha256:"):
             rerun("generation.temperature=0.9")
+
+    # the embedded teacher (a new port each run) counts by the settings its responses depend on: a slowed-down or
+    # faulty rerun (latency_s, faults) reuses, another trace seed does not
+    from curator_pipelines.pipeline import generation_fingerprint
+    from recipes.fingerprint import changes
+
+    def embedded(*teacher_overrides: str) -> dict:
+        return generation_fingerprint(resolve_paths(load_config(CurateConfig, None, [
+            f"input.path={src}", "generation.embedded_teacher=true",
+            f"generation.teacher_overrides=[{','.join(teacher_overrides)}]"])))
+
+    assert changes(embedded(), embedded("latency_s=0.01", "faults.rate_500=0.5", "log_path=/tmp/x")) == []
+    assert changes(embedded(), embedded("traces.seed=3")) == ["teacher.traces.seed: 0 -> 3"]
