@@ -22,7 +22,6 @@ filesystem; override it there).
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 from recipes import planner
@@ -177,8 +176,38 @@ def grpo_recipe(model: str, nodes: int = 1, gpus_per_node: int = 8, max_tokens: 
     return cfg
 
 
+def opd_recipe(model: str, nodes: int = 1, gpus_per_node: int = 8, max_tokens: int = 8192,
+               prompts_per_step: int = 64, group_size: int = 4, lr: float = 1e-6, steps: int = 300,
+               prompts_dataset: str | None = None, hf_checkpoint: str | None = None, teacher: str | None = None,
+               teacher_checkpoint: str | None = None, gpu_memory_utilization: float = 0.3,
+               layout: planner.Layout | None = None):
+    """On-policy distillation: the student samples (vLLM on the trainer's GPUs, asleep while it trains), a larger
+    model of its family (same tokenizer) held frozen in the student's layout scores the sampled tokens, and
+    log p_teacher - log p_student of each token is its advantage."""
+    from recipes.distillation import DistillConfig
+    from recipes.megatron.providers import load_hf_config
+
+    teacher = teacher or TEACHERS[model]
+    t_hf = load_hf_config(resolve_path(hf_config_path(teacher)))
+    rows = prompts_per_step * group_size
+    hf = load_hf_config(resolve_path(hf_config_path(model)))
+    share = gpu_memory_utilization * 80 * GIB / 4
+    engine_tp = next(t for t in (1, 2, 4, 8) if planner.engine_bytes(hf, t, 0) <= share or t == 8)
+    engine = {"tp": engine_tp, "gpu_memory_utilization": gpu_memory_utilization, "sleep": True}
+    seq = planner.GRPO_PROMPT_TOKENS + max_tokens
+    lay, _ = choose_layout(model, seq, nodes, gpus_per_node, rows // 4, layout, engine=engine, teacher_hf=t_hf)
+    cfg = grpo_recipe(model, nodes, gpus_per_node, max_tokens, prompts_per_step, group_size, lr, steps,
+                      prompts_dataset, hf_checkpoint, gpu_memory_utilization, engine_tp, lay)
+    return dataclasses.replace(cfg, output_dir=f"runs/{model}-opd", distill=DistillConfig(
+        teacher=teacher_checkpoint or default_checkpoint(teacher), teacher_hf_config=hf_config_path(teacher),
+        mode="on_policy"))
+
+
+STAGE_OF = {"sft": "sft", "kd": "kd", "grpo": "grpo", "opd": "grpo"}  # recipe kind -> the stage that runs it
+
+
 def _named(kind: str, model: str, default_nodes: int):
-    factory = {"sft": sft_recipe, "kd": kd_recipe, "grpo": grpo_recipe}[kind]
+    factory = {"sft": sft_recipe, "kd": kd_recipe, "grpo": grpo_recipe, "opd": opd_recipe}[kind]
 
     def recipe(nodes: int = default_nodes, **kwargs):
         return factory(model, nodes=nodes, **kwargs)
@@ -191,7 +220,9 @@ def _named(kind: str, model: str, default_nodes: int):
 
 # the students and the node counts their recipes default to (the 32B student needs 4+ nodes)
 STUDENTS = {"qwen2.5-1.5b": 1, "qwen2.5-7b": 2, "llama3.1-8b": 2, "qwen2.5-32b": 4}
+OPD_STUDENTS = {"qwen2.5-1.5b": 1, "qwen2.5-7b": 2}  # with the teacher (7B, 32B) held in the same job
 RECIPES = {f"{m}-{k}": _named(k, m, n) for m, n in STUDENTS.items() for k in ("sft", "kd", "grpo")}
+RECIPES.update({f"{m}-opd": _named("opd", m, n) for m, n in OPD_STUDENTS.items()})
 qwen25_1p5b_sft, qwen25_7b_sft = RECIPES["qwen2.5-1.5b-sft"], RECIPES["qwen2.5-7b-sft"]
 llama31_8b_sft, qwen25_32b_sft = RECIPES["llama3.1-8b-sft"], RECIPES["qwen2.5-32b-sft"]
 qwen25_1p5b_kd, qwen25_7b_kd = RECIPES["qwen2.5-1.5b-kd"], RECIPES["qwen2.5-7b-kd"]
@@ -202,6 +233,8 @@ llama31_8b_grpo, qwen25_32b_grpo = RECIPES["llama3.1-8b-grpo"], RECIPES["qwen2.5
 
 def yaml_path(name: str) -> Path:
     model, kind = name.rsplit("-", 1)
+    if STAGE_OF[kind] != kind:  # a recipe of another stage's kind: nemo_configs/<stage>/<model>_<kind>_h100.yaml
+        return Path("nemo_configs") / STAGE_OF[kind] / f"{model}_{kind}_h100.yaml"
     return Path("nemo_configs") / kind / f"{model}_h100.yaml"
 
 

@@ -373,8 +373,12 @@ def _config_inputs(cfg) -> tuple[dict, int, int, str, dict, str]:
         if r.backend == "vllm":
             engine = {"tp": r.tensor_parallel_size, "gpu_memory_utilization": r.gpu_memory_utilization,
                       "sleep": r.colocated_sleep}
+        teacher = None
+        if cfg.distill.teacher:  # on-policy distillation / KDRL: a frozen teacher in the student's layout
+            teacher = load_hf_config(resolve_path(cfg.distill.teacher_hf_config)) if cfg.distill.teacher_hf_config \
+                else hf
         return (hf, seq, g.prompts_per_step * g.group_size // g.minibatches, precision,
-                {"engine": engine, "reference_model": cfg.loss.kl_coef > 0},
+                {"engine": engine, "reference_model": cfg.loss.kl_coef > 0, "teacher_hf": teacher},
                 f"rows of {GRPO_PROMPT_TOKENS} prompt + {r.max_tokens} response tokens")
     from recipes.trainer import resolve_batch
 

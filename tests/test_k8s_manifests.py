@@ -162,14 +162,14 @@ def test_every_named_recipe_dry_runs_on_slurm_and_kubernetes(name, tmp_path, cap
     """Each named H100 recipe renders a validated sbatch script and TrainJob on the nodes it is named for, with
     the planner's table for its layout in the header; one node fewer is refused before anything is rendered."""
     from recipes.cli import main
-    from recipes.named_recipes import yaml_path
+    from recipes.named_recipes import STAGE_OF, yaml_path
     from recipes.planner import plan_table
 
     monkeypatch.setenv("NEMORUN_HOME", str(tmp_path))
     # NeMo-Run packages the Slurm job through invoke, which forwards stdin: give it an empty one, not pytest's
     monkeypatch.setattr("sys.stdin", open(os.devnull))
     cfg = RECIPES[name]()
-    stage, nodes = name.rsplit("-", 1)[1], cfg.parallel.nodes
+    stage, nodes = STAGE_OF[name.rsplit("-", 1)[1]], cfg.parallel.nodes
     row = plan_table(cfg).splitlines()[2]  # the layout's row of the plan
     common = ["launch", stage, "--config", str(yaml_path(name)), "--dryrun", f"executor.nemorun_home={tmp_path}"]
     assert main([*common, "--executor", "k8s", f"executor.num_nodes={nodes}"]) == 0

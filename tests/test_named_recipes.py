@@ -7,7 +7,7 @@ import pytest
 from recipes import planner
 from recipes.config import ConfigError, load_config
 from recipes.megatron.providers import load_hf_config
-from recipes.named_recipes import RECIPES, STUDENTS, sft_recipe, yaml_path
+from recipes.named_recipes import RECIPES, STAGE_OF, STUDENTS, sft_recipe, yaml_path
 from recipes.trainer import SFTConfig, resolve_batch, resolve_path, world_size
 
 
@@ -47,7 +47,7 @@ def test_named_yaml_files_load_and_match_their_functions(name):
     from recipes.grpo import GRPOConfig
     from recipes.kd import KDConfig
 
-    cls = {"sft": SFTConfig, "kd": KDConfig, "grpo": GRPOConfig}[name.rsplit("-", 1)[1]]
+    cls = {"sft": SFTConfig, "kd": KDConfig, "grpo": GRPOConfig}[STAGE_OF[name.rsplit("-", 1)[1]]]
     path = resolve_path(str(yaml_path(name)))
     assert load_config(cls, path) == RECIPES[name]()
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
