@@ -1,0 +1,89 @@
+"""SFT with `peft.lora.*` end to end (one process each, as `nrr sft` runs them): a run SIGKILLed mid-way and resumed
+ends bit-identical to an uninterrupted one (adapter dropout on, so the RNG streams must resume too), and
+`nrr convert to-hf` exports its adapter checkpoint merged (`--merge-lora`) and as a PEFT adapter (`--lora-adapter`)
+exactly as the run's own end-of-run exports.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SFT = ROOT / "tests" / "sft_scripts" / "run_sft.py"
+PY = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+TIMING = {"time", "step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu"}
+LORA = ["data.task.n_per_level=60", "data.task.valid_per_level=4", "training.global_batch_size=8",
+        "training.micro_batch_size=4", "training.max_steps=6", "training.warmup_steps=2", "training.lr=0.01",
+        "checkpoint.every_steps=2", "checkpoint.keep_last=5", "validation.every_steps=0",
+        "logging.tensorboard=false", "peft.lora.enabled=true", "peft.lora.r=4", "peft.lora.alpha=8",
+        "peft.lora.dropout=0.1"]
+
+
+def _run(cmd, expect_rc=0, **kwargs):
+    proc = subprocess.run([PY, *map(str, cmd)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+                          **kwargs)
+    if expect_rc is not None and proc.returncode != expect_rc:
+        raise AssertionError(f"{cmd} -> rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _rows(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _same(a, b):
+    a, b = _tensors(a), _tensors(b)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name].dtype == b[name].dtype and (a[name] == b[name]).all(), name
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("lora") / "full"
+    _run([RUN_SFT, f"output_dir={run}", *LORA])
+    return run
+
+
+@pytest.mark.slow
+def test_lora_sft_sigkilled_mid_run_resumes_bit_for_bit(tmp_path, lora_run):
+    run = tmp_path / "killed"
+    args = [f"output_dir={run}", *LORA]
+    # the process SIGKILLs its own session right before step 4 of 6 (steps 2's checkpoint written, 3's not)
+    proc = _run([RUN_SFT, "--kill-before-step", "3", *args], expect_rc=None, start_new_session=True)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "2"
+    _run([RUN_SFT, *args])
+    assert json.loads((run / "summary.json").read_text())["start_step"] == 2
+    assert _rows(run) == _rows(lora_run)
+    assert len({r["loss"] for r in _rows(run) if "loss" in r}) == 6
+    _same(lora_run / "hf" / "model.safetensors", run / "hf" / "model.safetensors")
+    _same(lora_run / "hf_lora" / "adapter_model.safetensors", run / "hf_lora" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_convert_exports_a_lora_checkpoint_merged_and_as_peft_adapter(tmp_path, lora_run):
+    ckpt = lora_run / "checkpoints"
+    refused = _run(["-m", "recipes.convert", "to-hf", "--ckpt", ckpt, "--out", tmp_path / "plain"], expect_rc=2)
+    assert "--merge-lora" in refused.stderr and "--lora-adapter" in refused.stderr
+    _run(["-m", "recipes.convert", "to-hf", "--ckpt", ckpt, "--out", tmp_path / "merged", "--merge-lora"])
+    _same(lora_run / "hf" / "model.safetensors", tmp_path / "merged" / "model.safetensors")
+    _run(["-m", "recipes.convert", "to-hf", "--ckpt", ckpt, "--out", tmp_path / "adapter", "--lora-adapter"])
+    _same(lora_run / "hf_lora" / "adapter_model.safetensors", tmp_path / "adapter" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.1)
+    # the adapters only: base weights stay with the base (the merged export holds them)
+    adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes * 5 < (tmp_path / "merged" / "model.safetensors").stat().st_size
