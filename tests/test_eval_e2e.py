@@ -159,79 +159,94 @@ def test_compare_report_renders_in_headless_chromium(hf_runs, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a rendered page, not a blank one
 
 
+# 40 problems x 8 samples in one batch overflow one scheduler step (the case where seeded CPU sampling used to crash)
+VLLM_BENCH = [BenchmarkConfig(name="embedded", levels=[1, 2], n_per_level=20)]
+
+
+def _vllm_generation(batch_size: int) -> GenerationConfig:
+    return GenerationConfig(backend="vllm", k=8, temperature=0.8, max_tokens=MAX_TOKENS, batch_size=batch_size)
+
+
+@pytest.fixture(scope="module")
+def vllm_alone(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny model alone on vLLM (offline LLM in its worker process, float32, eager on CPU), 40 prompts a batch:
+    its output folder and summary."""
+    out = tmp_path_factory.mktemp("vllm-alone")
+    return out, run_eval(EvalConfig(model=str(tiny_model), benchmarks=VLLM_BENCH, generation=_vllm_generation(40),
+                                    output_dir=str(out), progress=False, report=False))
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_backend_end_to_end(tiny_model, tmp_path):
-    """The same pipeline on vLLM (offline LLM in its worker process, float32, eager on CPU).
-
-    40 problems x 8 samples in one batch overflow one scheduler step (the case where seeded CPU sampling
-    used to crash); each problem's samples depend on its prompt and the seed only, not on the batching."""
-    kw = dict(benchmark="embedded", levels=[1, 2], n_per_level=20, k=8, temperature=0.8, backend="vllm",
-              max_tokens=MAX_TOKENS)
-    result = evaluate_model(tiny_model, out_dir=tmp_path / "vllm", batch_size=40, **kw)
-    rows = _lines(tmp_path / "vllm" / "embedded.jsonl")
+def test_vllm_backend_end_to_end(vllm_alone):
+    """The same pipeline on vLLM, 40 problems x 8 samples in one batch (test_models_share_one_vllm_engine_and_
+    match_separate_runs checks that each problem's samples depend on its prompt and the seed only, not on the
+    batching)."""
+    out, summary = vllm_alone
+    result = summary["benchmarks"]["embedded"]
+    rows = _lines(out / "embedded.jsonl")
     assert len(rows) == 40 * 8 and result["samples_per_problem"] == 8
-    assert set(result["accuracy_by_level"]) == {"1", "2"}
+    assert set(result["by_level"]) == {"1", "2"}
     for r in rows:
         assert 1 <= r["num_generated_tokens"] <= MAX_TOKENS
         assert r["finish_reason"] in ("stop", "length")
         assert r["is_correct"] == grade_response(r["generation"], r["expected_answer"]).correct
     assert len({r["generation"] for r in rows}) > 40  # sampled, not one repeated string per problem
 
-    evaluate_model(tiny_model, out_dir=tmp_path / "vllm-small-batches", batch_size=7, **kw)
-    again = {(r["id"], r["sample_idx"]): r["generation"] for r in _lines(tmp_path / "vllm-small-batches/embedded.jsonl")}
-    assert again == {(r["id"], r["sample_idx"]): r["generation"] for r in rows}
+
+@pytest.fixture(scope="module")
+def seeded_inits(tmp_path_factory) -> dict[int, Path]:
+    """`model=<config.json>` resolved with init seeds 0 and 1 (in one process of its own: exporting a Megatron
+    checkpoint starts a process group, which must not start in pytest's)."""
+    base = tmp_path_factory.mktemp("seeded-inits")
+    config = ROOT / "recipes/assets/models/tiny-qwen2/config.json"
+    code = ("import sys; from pathlib import Path; from recipes.evaluation.runner import resolve_model; "
+            "[print(resolve_model(sys.argv[1], Path(sys.argv[2]) / f'seed{s}', init_seed=s)) for s in (0, 1)]")
+    proc = subprocess.run([sys.executable, "-c", code, str(config), str(base)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(enumerate(Path(line) for line in proc.stdout.strip().splitlines()[-2:]))
 
 
-def test_config_json_model_is_the_seeded_random_init(tiny_model, tmp_path):
+def test_config_json_model_is_the_seeded_random_init(tiny_model, seeded_inits):
     """`model=<config.json>` evaluates that architecture with random weights: the checkpoint `nrr convert init`
     writes for the same seed (the demo's base row), another seed another model."""
-    config = ROOT / "recipes/assets/models/tiny-qwen2/config.json"
-    folders = {}
-    for seed in (0, 1):
-        code = ("import sys; from pathlib import Path; from recipes.evaluation.runner import resolve_model; "
-                f"print(resolve_model(sys.argv[1], Path(sys.argv[2]), init_seed={seed}))")
-        proc = subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / f"seed{seed}")], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        folders[seed] = Path(proc.stdout.strip().splitlines()[-1])
-        assert (folders[seed] / "tokenizer.json").exists()
-    weights = {seed: (folder / "model.safetensors").read_bytes() for seed, folder in folders.items()}
+    for seed, folder in seeded_inits.items():
+        assert folder.name == "hf_model" and folder.parent.name == f"seed{seed}"
+        assert (folder / "tokenizer.json").exists()
+    weights = {seed: (folder / "model.safetensors").read_bytes() for seed, folder in seeded_inits.items()}
     assert weights[0] == (tiny_model / "model.safetensors").read_bytes()
     assert weights[1] != weights[0]
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_models_share_one_vllm_engine_and_match_separate_runs(tiny_model, tmp_path, monkeypatch):
-    """`models: {A, B}` starts one engine and swaps B's weights in place: B's answers equal a run of B alone
-    (no stale weights, no prefix-cache blocks computed by A), and differ from A's."""
+def test_models_share_one_vllm_engine_and_match_separate_runs(tiny_model, seeded_inits, vllm_alone, tmp_path,
+                                                             monkeypatch):
+    """`models: {other, tiny}` starts one engine on the other seed's weights and swaps the tiny model's in place:
+    the tiny model's answers, 7 prompts a batch, equal its run alone at 40 a batch (no stale weights, no
+    prefix-cache blocks computed by the other model, and each problem's samples depend on its prompt and the seed
+    only, not on the batching), and differ from the other model's."""
     from recipes.evaluation import runner
 
-    # another seed's weights, written by the CLI in its own process (a process group must not start in pytest's)
-    nrr = [sys.executable, "-m", "recipes.cli", "convert"]
-    subprocess.run([*nrr, "init", "--config", str(ROOT / "recipes/assets/models/tiny-qwen2/config.json"),
-                    "--out", str(tmp_path / "ckpt"), "--seed", "1"], check=True, cwd=ROOT, capture_output=True)
-    subprocess.run([*nrr, "to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "b")], check=True,
-                   cwd=ROOT, capture_output=True)
-    other = tmp_path / "b"
+    other = seeded_inits[1]  # the checkpoint `nrr convert init --seed 1` writes (test_config_json_model_is_...)
     # seeded sampling: random models answer greedily with the same blank line; their samples differ
-    gen = GenerationConfig(backend="vllm", k=2, temperature=0.8, max_tokens=MAX_TOKENS, batch_size=16)
-    bench = [BenchmarkConfig(name="embedded", levels=[1, 2], n_per_level=8)]
     starts = []
     make_backend = runner.make_backend
     monkeypatch.setattr(runner, "make_backend", lambda cfg, d: starts.append(d) or make_backend(cfg, d))
-    pair = run_eval(EvalConfig(models={"A": str(tiny_model), "B": str(other)}, benchmarks=bench, generation=gen,
-                               output_dir=str(tmp_path / "pair"), progress=False, report=False))
-    assert len(starts) == 1 and set(pair["models"]) == {"A", "B"}
-    alone = run_eval(EvalConfig(model=str(other), benchmarks=bench, generation=gen, output_dir=str(tmp_path / "alone"),
-                                progress=False, report=False))
+    pair = run_eval(EvalConfig(models={"other": str(other), "tiny": str(tiny_model)}, benchmarks=VLLM_BENCH,
+                               generation=_vllm_generation(7), output_dir=str(tmp_path / "pair"), progress=False,
+                               report=False))
+    assert len(starts) == 1 and list(pair["models"]) == ["other", "tiny"]
+    alone_dir, alone = vllm_alone
 
     def answers(folder):
         return {(r["id"], r["sample_idx"]): r["generation"] for r in _lines(folder / "embedded.jsonl")}
 
-    assert answers(tmp_path / "pair" / "B") == answers(tmp_path / "alone")
-    assert answers(tmp_path / "pair" / "A") != answers(tmp_path / "alone")
-    assert pair["models"]["B"]["benchmarks"] == alone["benchmarks"]
+    assert len(answers(alone_dir)) == 40 * 8
+    assert answers(tmp_path / "pair" / "tiny") == answers(alone_dir)
+    assert answers(tmp_path / "pair" / "other") != answers(alone_dir)
+    assert pair["models"]["tiny"]["benchmarks"] == alone["benchmarks"]
     with pytest.raises(ValueError, match="not both"):
-        run_eval(EvalConfig(model=str(other), models={"A": str(tiny_model)}, benchmarks=bench, generation=gen))
+        run_eval(EvalConfig(model=str(other), models={"A": str(tiny_model)}, benchmarks=VLLM_BENCH,
+                            generation=_vllm_generation(7)))
