@@ -80,7 +80,7 @@ class FilterConfig:
     truncation: bool = True  # empty responses and finish_reason == "length"
     format: bool = True  # one closed think block, an answer present
     correctness: bool = True  # the answer graded against the reference (recipes.grader)
-    grade_timeout_s: float = 5.0
+    grade_timeout_s: float = 5.0  # seconds the grading of one response may take on the math-verify path
     # a record without a reference (a trace dataset's chat or code rows) cannot be verified: keep it (counted as
     # "unverified" in the report) or drop it
     unverified: Literal["keep", "drop"] = "drop"

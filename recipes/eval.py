@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grade.add_argument("--response-field", required=True, help="the field holding the model's response")
     grade.add_argument("--reference-field", required=True, help="the field holding the reference answer")
     grade.add_argument("--output", required=True)
-    grade.add_argument("--timeout", type=float, default=5.0, help="seconds per answer on the math-verify path")
+    grade.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds the grading of one response may take on the math-verify path")
     compare = sub.add_parser("compare", help="one HTML report with several runs side by side")
     compare.add_argument("runs", nargs="+", help="output folders of `nrr eval run`")
     compare.add_argument("--output", required=True)

@@ -9,10 +9,16 @@ Grading has two paths. The fast path normalises LaTeX (`\\dfrac`, `\\frac12`, `\
 `^\\circ`, `\\%`, `\\text{}`, units, `$`) and compares strings, numbers (integers, decimals,
 fractions, mixed numbers, percentages, scientific notation, thousands separators), tuples,
 intervals and unordered lists of answers item by item. Only what it cannot decide goes to
-math-verify (`parse` + `verify`), which runs in a persistent worker process: math-verify times out
+math-verify (`parse` + `verify`), which runs in persistent worker processes: math-verify times out
 with `signal.alarm`, which neither works outside the main thread nor interrupts sympy inside a
-C-level big-integer operation, so a call that overruns its timeout has its worker killed and
-restarted. A pathological answer therefore costs at most `timeout` seconds, never a hang.
+C-level big-integer operation, so a call that overruns has its worker killed and restarted.
+
+`timeout` bounds the grading of one response, every math-verify call it makes together (a list answer
+can chain up to MAX_LIST_ITEMS^2 of them): once it is spent the response is incorrect with method
+"timeout". A worker runs one call at a time (signal.alarm is per process, and the pipe carries one
+request); threads share a pool of up to MAX_WORKERS of them, and the wait for a free one counts
+against the same budget. A pathological response therefore costs at most `timeout` seconds (plus a
+worker's start, which is not charged), never a hang.
 
 `stats()` counts which path decided each `grade` call (the fast-path hit rate in `nrr bench eval`).
 """
@@ -47,6 +53,9 @@ MAX_LIST_ITEMS = 32
 MAX_EXPONENT = 400
 # Seconds the math-verify worker may take to start (imports sympy); not charged to a call.
 STARTUP_TIMEOUT = 60.0
+# math-verify processes graded on at once: sympy is CPU-bound, so more than the cores gain nothing (and each holds
+# ~100 MB); a fifth thread waits for a free one, within its response's budget.
+MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 METHODS = ("exact", "numeric", "math_verify", "timeout", "no_answer")
 
@@ -449,12 +458,12 @@ def _worker_loop() -> None:
 
 
 class _MathVerifyWorker:
-    """A persistent math-verify process; killed and restarted when a call overruns its timeout."""
+    """A persistent math-verify process, used by one thread at a time (`_WorkerPool`); killed and restarted when a
+    call overruns its time."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
         self._owner = 0
-        self._lock = threading.Lock()
 
     def _start(self) -> subprocess.Popen:
         env = dict(os.environ)
@@ -490,8 +499,11 @@ class _MathVerifyWorker:
             if ready:
                 return proc.stdout.readline()
 
-    def _ensure_started(self) -> subprocess.Popen | None:
-        if self._proc is not None and self._proc.poll() is None and self._owner == os.getpid():
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None and self._owner == os.getpid()
+
+    def ensure_started(self) -> subprocess.Popen | None:
+        if self.running():
             return self._proc
         self._proc = self._start()
         # startup (sympy, antlr imports) is not charged to the first call's timeout
@@ -500,35 +512,102 @@ class _MathVerifyWorker:
             return None
         return self._proc
 
-    def verify(self, pred: str, ref: str, timeout: float) -> bool | None:
-        """True/False, or None when the call timed out (the worker is then restarted)."""
-        with self._lock:
-            proc = self._ensure_started()
-            if proc is None:
-                raise RuntimeError("the math-verify worker did not start: is math-verify installed?")
-            try:
-                proc.stdin.write(json.dumps([pred, ref, timeout]) + "\n")
-                proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                self.kill()
-                return False
-            line = self._read_line(proc, timeout)
-            if line is None:
-                self.kill()
-                return None
-            if not line:  # the worker died (e.g. out of memory): a wrong answer
-                self.kill()
-                return False
-            return line.strip() == "1"
+    def verify(self, pred: str, ref: str, seconds: float) -> bool | None:
+        """True/False, or None when the call took more than `seconds` (the worker is then restarted)."""
+        proc = self.ensure_started()
+        try:
+            proc.stdin.write(json.dumps([pred, ref, seconds]) + "\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.kill()
+            return False
+        line = self._read_line(proc, seconds)
+        if line is None:
+            self.kill()
+            return None
+        if not line:  # the worker died (e.g. out of memory): a wrong answer
+            self.kill()
+            return False
+        return line.strip() == "1"
 
 
-_WORKER = _MathVerifyWorker()
-atexit.register(_WORKER.kill)
+class _Budget:
+    """The seconds left to grade one response."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class _OutOfTime(Exception):
+    """The response's grading budget is spent."""
+
+
+class _WorkerPool:
+    """Up to `size` workers, each lent to one thread for one call; the lock guards only the lending. Starting a
+    worker (seconds: sympy's imports) is charged to no response, neither the one it starts for nor those waiting."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: list[_MathVerifyWorker] = []
+        self._all: list[_MathVerifyWorker] = []
+        self._starting = 0
+        self._free = threading.Condition()
+
+    def verify(self, pred: str, ref: str, budget: _Budget) -> bool:
+        worker = self._borrow(budget)
+        try:
+            if not worker.running():
+                started = time.monotonic()
+                with self._free:
+                    self._starting += 1
+                try:
+                    if worker.ensure_started() is None:
+                        raise RuntimeError("the math-verify worker did not start: is math-verify installed?")
+                finally:
+                    with self._free:
+                        self._starting -= 1
+                budget.deadline += time.monotonic() - started
+            left = budget.left()
+            ok = worker.verify(pred, ref, left) if left > 0 else None
+        finally:
+            with self._free:
+                self._idle.append(worker)
+                self._free.notify_all()
+        if ok is None:
+            raise _OutOfTime
+        return ok
+
+    def _borrow(self, budget: _Budget) -> _MathVerifyWorker:
+        with self._free:
+            while not self._idle and len(self._all) >= self.size:
+                starting = self._starting
+                if budget.left() <= 0 and not starting:
+                    raise _OutOfTime  # every worker busy for the rest of this response's time
+                waited = time.monotonic()
+                self._free.wait(0.1 if starting else budget.left())
+                if starting:  # the wait was (at least partly) for a worker's start
+                    budget.deadline += time.monotonic() - waited
+            if self._idle:
+                return self._idle.pop()
+            worker = _MathVerifyWorker()
+            self._all.append(worker)
+            return worker
+
+    def kill(self) -> None:
+        for worker in list(self._all):
+            worker.kill()
+
+
+_WORKERS = _WorkerPool(MAX_WORKERS)
+atexit.register(_WORKERS.kill)
 
 
 def shutdown() -> None:
-    """Stop the math-verify worker (it is restarted on the next call that needs it)."""
-    _WORKER.kill()
+    """Stop the math-verify workers (they are restarted by the next call that needs one)."""
+    _WORKERS.kill()
 
 
 # ============================================================================== grading
@@ -563,19 +642,25 @@ def _for_math_verify(s: str) -> str:
     return s[:-1] + "\\%" if s.endswith("%") else s
 
 
-def _grade_one(p: str, r: str, timeout: float) -> tuple[bool, str]:
-    """One normalised answer against one: fast path, then math-verify."""
+def _grade_one(p: str, r: str, budget: _Budget) -> tuple[bool, str]:
+    """One normalised answer against one: fast path, then math-verify (raises _OutOfTime)."""
     verdict, method = _fast(p, r)
     if verdict is not None:
         return verdict, method
-    ok = _WORKER.verify(_for_math_verify(p), _for_math_verify(r), timeout)
-    return (False, "timeout") if ok is None else (ok, "math_verify")
+    return _WORKERS.verify(_for_math_verify(p), _for_math_verify(r), budget), "math_verify"
 
 
 _RANK = {"exact": 0, "numeric": 1, "math_verify": 2, "timeout": 3}
 
 
 def _grade(predicted: str | None, reference, timeout: float) -> tuple[bool, str]:
+    try:
+        return _grade_within(predicted, reference, _Budget(timeout))
+    except _OutOfTime:
+        return False, "timeout"
+
+
+def _grade_within(predicted: str | None, reference, budget: _Budget) -> tuple[bool, str]:
     if predicted is None or not str(predicted).strip():
         return False, "no_answer"
     predicted = str(predicted)
@@ -585,14 +670,14 @@ def _grade(predicted: str | None, reference, timeout: float) -> tuple[bool, str]
     p, r = normalize(predicted), normalize(ref)
     p_items, r_items = _items(p), _items(r)
     if len(r_items) == 1 and len(p_items) == 1:
-        return _grade_one(p, r, timeout)
+        return _grade_one(p, r, budget)
     # several answers: every reference answer matched by a distinct predicted one, in any order
     verdict, method = _fast(p, r)
     if verdict is True:
         return True, method
     if len(p_items) != len(r_items) or len(r_items) > MAX_LIST_ITEMS:
         if len(p_items) == 1:  # one expression for several answers (a set, "x = 1 or x = 2")
-            return _grade_one(p, r, timeout)
+            return _grade_one(p, r, budget)
         return False, "exact"
     p_items, r_items = [normalize(x) for x in p_items], [normalize(x) for x in r_items]
     unused = list(range(len(p_items)))
@@ -610,7 +695,7 @@ def _grade(predicted: str | None, reference, timeout: float) -> tuple[bool, str]
                 undecided.append(j)
         if found is None:
             for j in undecided:
-                v, m = _grade_one(p_items[j], ri, timeout)
+                v, m = _grade_one(p_items[j], ri, budget)
                 worst = max(worst, m, key=_RANK.get)
                 if v:
                     found = j
@@ -623,7 +708,7 @@ def _grade(predicted: str | None, reference, timeout: float) -> tuple[bool, str]
 
 def grade(predicted: str | None, reference, timeout: float = 5.0) -> bool:
     """Is `predicted` the answer `reference`? Reference: a string, a number, or a list of answers
-    (OlympiadBench `final_answer`: all must match, in any order)."""
+    (OlympiadBench `final_answer`: all must match, in any order). `timeout`: seconds for the whole answer."""
     return grade_with_method(predicted, reference, timeout)[0]
 
 

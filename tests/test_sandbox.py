@@ -56,8 +56,7 @@ def test_infinite_loop_costs_one_timeout():
     marker = "nrr" + secrets.token_hex(6)
     r = run_python(f"open('/proc/self/comm', 'w').write({marker!r})\nwhile True:\n    pass",
                    limits=SandboxLimits(timeout_s=1.0))
-    assert r.timed_out and not r.ok and r.returncode < 0  # killed, not exited
-    assert r.seconds < 30  # generous: a loaded 2-core CI machine; the kill is what is asserted
+    assert r.timed_out and not r.ok and r.returncode < 0  # killed by the timeout, not exited
     assert _leftovers(marker) == []
 
 

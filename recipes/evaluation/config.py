@@ -81,7 +81,7 @@ class EvalConfig:
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)  # every benchmark's, unless it sets its own
     output_dir: str = "outputs/eval/run"
     run_name: str | None = None  # the name in reports (default: the output folder's name)
-    grade_timeout: float = 5.0  # seconds per answer on the math-verify path
+    grade_timeout: float = 5.0  # seconds the grading of one response may take on the math-verify path (all its calls)
     report: bool = True  # write report.html next to summary.json
     # also write <output_dir>/nemo_skills/<benchmark>/output[-rs<seed>].jsonl + metrics.json, as NeMo-Skills does
     nemo_skills_layout: bool = False
