@@ -59,6 +59,9 @@ def _bin(name: str) -> str:
 class SlurmCluster:
     root: Path
     hostname: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    # more than one: that many slurmd daemons on this host (nodes n1..nN, each on its own port), for multi-node
+    # jobs (Debian's Slurm is built with --enable-multiple-slurmd)
+    nodes: int = 1
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -120,13 +123,20 @@ class SlurmCluster:
         ]))
         dbd_conf.chmod(0o600)
         cpus = os.cpu_count() or 1
+        if self.nodes == 1:
+            self.node_names = [self.hostname]
+            node_lines = [f"NodeName={self.hostname} CPUs={cpus} State=UNKNOWN"]
+        else:  # the host's CPUs are shared, not split: each node offers all of them
+            self.node_names = [f"n{i}" for i in range(1, self.nodes + 1)]
+            node_lines = [f"NodeName={name} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={_free_port()} "
+                          f"CPUs={cpus} State=UNKNOWN" for name in self.node_names]
         self.conf.write_text("\n".join([
             f"ClusterName={CLUSTER}", f"SlurmctldHost={self.hostname}", "SlurmUser=root",
             f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
             "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}", "CredType=cred/munge",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'run/slurmctld.pid'}", f"SlurmdPidFile={r / 'run/slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log/slurmd.log'}",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool/%n'}",
+            f"SlurmctldPidFile={r / 'run/slurmctld.pid'}", f"SlurmdPidFile={r / 'run/slurmd-%n.pid'}",
+            f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log/slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "JobAcctGatherType=jobacct_gather/none", "ReturnToService=2", "SlurmctldTimeout=30",
@@ -134,7 +144,7 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=localhost",
             f"AccountingStoragePort={dbd_port}", f"AccountingStoragePass={self.munge_socket}",
             f"PlugStackConfig={r / 'plugstack.conf'}",
-            f"NodeName={self.hostname} CPUs={cpus} State=UNKNOWN",
+            *node_lines,
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", "",
         ]))
         (r / "plugstack.conf").write_text("")
@@ -145,8 +155,9 @@ class SlurmCluster:
         self._run(["sacctmgr", "-i", "add", "cluster", CLUSTER], check=False)
         self._spawn("slurmctld", [_bin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self._ok(["scontrol", "ping"]), "slurmctld", 30)
-        self._spawn("slurmd", [_bin("slurmd"), "-D", "-f", str(self.conf), "-N", self.hostname])
-        self._wait(self._node_idle, "an idle node", timeout)
+        for name in self.node_names:
+            self._spawn(f"slurmd-{name}", [_bin("slurmd"), "-D", "-f", str(self.conf), "-N", name])
+        self._wait(self._nodes_idle, f"{self.nodes} idle node(s)", timeout)
 
     # ---------------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str]) -> None:
@@ -166,9 +177,9 @@ class SlurmCluster:
         except subprocess.TimeoutExpired:
             return False
 
-    def _node_idle(self) -> bool:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-        return proc.returncode == 0 and "idle" in proc.stdout
+    def _nodes_idle(self) -> bool:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
+        return proc.returncode == 0 and proc.stdout.split() == ["idle"] * self.nodes
 
     def _wait(self, predicate, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
