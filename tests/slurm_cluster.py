@@ -1,4 +1,5 @@
-"""A real one-node Slurm cluster for tests: munge, MariaDB, slurmdbd, slurmctld, slurmd.
+"""A real Slurm cluster on this machine for tests: munge, MariaDB, slurmdbd, slurmctld, and one slurmd per node
+(`nodes=2`: two slurmd daemons on this host, nodes n1 and n2, for multi-node jobs).
 
 Installs the Debian packages when they are missing (we are root), keeps every piece of state in
 one temp dir, starts each daemon in the foreground as our child and stops it by pid. Clients
