@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from recipes.config import required
+from recipes.evaluation.scaling import ScalingConfig
 
 
 @dataclasses.dataclass
@@ -86,3 +87,6 @@ class EvalConfig:
     # also write <output_dir>/nemo_skills/<benchmark>/output[-rs<seed>].jsonl + metrics.json, as NeMo-Skills does
     nemo_skills_layout: bool = False
     progress: bool = True
+    # test-time scaling: accuracy against tokens per problem (self-consistency and best-of-N over the k samples,
+    # budget forcing at each thinking budget), in summary.json and the report (recipes/evaluation/scaling.py)
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)

@@ -107,6 +107,25 @@ def _plots(runs: list[dict]) -> list[tuple[str, str]]:
         ax.legend(fontsize=8)
         ax.set_title("Accuracy per level")
         plots.append(("Accuracy per level", _png(fig)))
+
+    scaled = [b for b in benches if any(run["benchmarks"].get(b, {}).get("scaling") for run in runs)]
+    if scaled:  # test-time scaling: what each way of spending more tokens per problem buys
+        fig, axes = plt.subplots(1, len(scaled), figsize=(4.5 * len(scaled), 3.4), squeeze=False)
+        for ax, b in zip(axes[0], scaled):
+            for run in runs:
+                curves = run["benchmarks"].get(b, {}).get("scaling", {})
+                for name, marker in (("self_consistency", "o"), ("best_of", "s"), ("budget_forcing", "^")):
+                    points = curves.get(name) or []
+                    if points:
+                        ax.plot([pt["tokens"] for pt in points], [pt["accuracy"] * 100 for pt in points],
+                                marker=marker, label=f"{run['run']} {name.replace('_', ' ')}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("generated tokens per problem")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_ylim(0, 100)
+            ax.set_title(b)
+            ax.legend(fontsize=7)
+        plots.append(("Accuracy against generated tokens (test-time scaling)", _png(fig)))
     return plots
 
 

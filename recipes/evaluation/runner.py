@@ -25,7 +25,7 @@ from recipes.config import ConfigError, save_config
 from recipes.data import catalog
 from recipes.fingerprint import file_identity, guard_reuse
 from recipes.generation import Completion, SamplingParams, make_backend as start_backend
-from recipes.evaluation import nemo_skills, prompts
+from recipes.evaluation import nemo_skills, prompts, scaling
 from recipes.evaluation.benchmarks import load_benchmark
 from recipes.evaluation.config import BenchmarkConfig, EvalConfig, GenerationConfig, PromptConfig
 from recipes.evaluation.metrics import reflection_count, summarize
@@ -254,6 +254,7 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
                              seed=g.seed)
     if not cfg.benchmarks:
         raise ValueError("no benchmarks configured (benchmarks: [{name: math500, limit: 50}, ...])")
+    scaling.check_scaling(cfg.scaling)
     labels = [_label(b) for b in cfg.benchmarks]
     if len(set(labels)) != len(labels):
         raise ValueError(f"benchmark labels must be distinct, got {labels}: set `label` on repeated ones")
@@ -276,7 +277,7 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
         drop_torn_tail(path)
         done = {(str(r["id"]), r["sample_idx"]) for r in read_records(path)}
         pending = [p for p in problems if any((p["id"], i) not in done for i in range(g.k))]
-        if pending and backend is None:
+        if (pending or cfg.scaling.thinking_budgets) and backend is None:  # budget runs need the model too
             model_dir = model_dir or (cfg.model if g.backend == "openai" else resolve_model(cfg.model, out, cfg.init_seed))
             tok = load_tokenizer(endpoint_tokenizer(cfg) if g.backend == "openai" else model_dir)
             _check_thinking(tok, g)  # before the backend starts
@@ -306,6 +307,15 @@ def _evaluate(cfg: EvalConfig, pool: BackendPool) -> dict:
         ids = {p["id"] for p in problems}
         records = [r for r in read_records(path) if str(r["id"]) in ids and r["sample_idx"] < g.k]
         summary["benchmarks"][label] = summarize(records)
+        if g.k > 1 or cfg.scaling.thinking_budgets:
+            curves = scaling.sample_curves(records, cfg.scaling.verifier) if g.k > 1 else {}
+            if cfg.scaling.thinking_budgets:
+                curves["budget_forcing"] = scaling.run_budgets(
+                    backend, problems, [_prompt(p, prompt, g, tok) for p in problems], params, cfg.scaling,
+                    backend.count_tokens,
+                    lambda problem, i, comp: build_record(problem, i, comp, expect_thinking, backend.count_tokens,
+                                                          cfg.grade_timeout, tok), out, label)
+            summary["benchmarks"][label]["scaling"] = curves
         failed = check_failures(len(problems), failures, g.max_failed_fraction)
         if failed:
             summary["benchmarks"][label]["generation_failures"] = failed
