@@ -75,6 +75,13 @@ def build_script(task: StageTask, profile: Profile):
     # PET_NODE_RANK, which torchrun reads itself: no rendezvous flags in the manifest.
     if isinstance(profile, K8sProfile) and task.spec.launcher == "torchrun":
         return run.Script(path="-m", args=["launchers.entry", *task.entry_args()], entrypoint="torchrun")
+    if isinstance(profile, LocalProfile) and task.spec.launcher == "torchrun":
+        # NeMo-Run's torchrun launcher shell-quotes every argument, for a shell local jobs never go through
+        # (they start from an argv): an override with a space (rewards.weights={a: 1, b: 1}) would reach the
+        # stage wrapped in quotes. torchrun as the entrypoint itself passes the arguments as they are.
+        return run.Script(path="--standalone", entrypoint="torchrun", args=[
+            "--nnodes", "1", "--nproc-per-node", str(nproc_per_node(profile)), "--tee", "3",
+            "-m", "launchers.entry", *task.entry_args()])
     return run.Script(path="launchers.entry", m=True, entrypoint="python", args=task.entry_args())
 
 
@@ -96,11 +103,7 @@ def build_executor(task: StageTask, profile: Profile):
         env = {**profile.env, **_venv_path_env()}
         if torchrun and nproc_per_node(profile) > 1:  # ranks share this machine's cores: idle threads sleep
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        return run.LocalExecutor(
-            ntasks_per_node=nproc_per_node(profile) if torchrun else 1,
-            launcher="torchrun" if torchrun else None,
-            env_vars=env,
-        )
+        return run.LocalExecutor(ntasks_per_node=1, env_vars=env)  # torchrun, if any, is the script's entrypoint
     if isinstance(profile, SlurmProfile):
         return _slurm_executor(task, profile)
     if isinstance(profile, K8sProfile):
