@@ -35,6 +35,15 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _log2_percent_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def _plots(runs: list[dict]) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -70,12 +79,7 @@ def _plots(runs: list[dict]) -> list[tuple[str, str]]:
             if maj:
                 ks = sorted(int(k) for k in maj)
                 ax.plot(ks, [maj[str(k)] * 100 for k in ks], marker="x", linestyle="--", label=f"{run['run']} maj@k")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k")
-        ax.set_ylabel("%")
-        ax.set_ylim(0, 100)
-        ax.set_title(b)
-        ax.legend(fontsize=7)
+        _log2_percent_axes(ax, "k", "%", b)
     plots.append(("pass@k and maj@k", _png(fig)))
 
     fig, axes = plt.subplots(1, len(benches), figsize=(4 * len(benches), 3.2), squeeze=False)
@@ -119,12 +123,7 @@ def _plots(runs: list[dict]) -> list[tuple[str, str]]:
                     if points:
                         ax.plot([pt["tokens"] for pt in points], [pt["accuracy"] * 100 for pt in points],
                                 marker=marker, label=f"{run['run']} {name.replace('_', ' ')}")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("generated tokens per problem")
-            ax.set_ylabel("accuracy (%)")
-            ax.set_ylim(0, 100)
-            ax.set_title(b)
-            ax.legend(fontsize=7)
+            _log2_percent_axes(ax, "generated tokens per problem", "accuracy (%)", b)
         plots.append(("Accuracy against generated tokens (test-time scaling)", _png(fig)))
     return plots
 
