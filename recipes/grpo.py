@@ -25,6 +25,7 @@ from recipes import task
 from recipes.config import ConfigError, resolve_path, save_config
 from recipes.distillation import DistillConfig, check_distill, kl_coef_at, kl_rows, on_policy_advantages
 from recipes.generation.backend import SamplingParams
+from recipes.megatron.lora import PeftConfig, check_config as check_lora
 from recipes.rl.advantages import group_advantages, informative_groups
 from recipes.rl.losses import LossConfig, policy_loss, reduce_loss
 from recipes.rl.rejection_sampling import RejectionConfig
@@ -99,12 +100,15 @@ class GRPOConfig:
     rejection: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
     # a teacher: on-policy distillation (its per-token log-probs as advantages) or KDRL (GRPO + KL to it)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    # LoRA on a frozen policy base: the refit sends the rollout engine the merged weights
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
 
 
 def check_config(cfg: GRPOConfig) -> None:
     if cfg.mode not in ("train", "rejection_sample"):
         raise ConfigError(f"mode must be 'train' or 'rejection_sample', got {cfg.mode!r}")
     check_parallel(cfg.parallel)
+    check_lora(cfg.peft.lora)
     g = cfg.grpo
     rows = g.prompts_per_step * g.group_size
     per_update = rows // max(g.minibatches, 1)
@@ -446,7 +450,7 @@ def train(cfg: GRPOConfig) -> dict:
     from recipes.rl.rollout import start_engine
     from recipes.resume import (PREEMPTED, PreemptionFlag, check_fingerprint, drop_rows_after, preempted_exit,
                                 save_training_checkpoint)
-    from recipes.trainer import build_model_and_optimizer, model_tokenizer
+    from recipes.trainer import build_model_and_optimizer, lora_of, model_tokenizer
 
     check_config(cfg)
     g = cfg.grpo
@@ -460,14 +464,14 @@ def train(cfg: GRPOConfig) -> dict:
     updates = g.steps * g.minibatches * g.epochs
     hf, chunks, optimizer, scheduler = build_model_and_optimizer(cfg, updates)
     tokenizer = model_tokenizer(cfg.model, int(hf["vocab_size"]))
-    if cfg.model.init_checkpoint:
+    if cfg.model.init_checkpoint and lora_of(cfg) is None:  # a LoRA base is loaded when it is built
         load_pretrained(chunks, resolve_path(cfg.model.init_checkpoint))
     ref_chunks = None
     if cfg.loss.kl_coef > 0:  # a frozen copy of the starting policy
         ref_chunks = providers.build_model(hf, cfg.parallel.tp, cfg.parallel.pp, ddp=False,
                                            config_overrides=providers.memory_overrides(cfg.parallel.sequence_parallel))
-        for ref, pol in zip(ref_chunks, providers.unwrap(chunks)):
-            ref.load_state_dict(pol.state_dict())
+        for ref, pol in zip(ref_chunks, providers.unwrap(chunks)):  # with LoRA: the base, i.e. the start
+            ref.load_state_dict({k: v for k, v in pol.state_dict().items() if ".lora_" not in k})
     teacher_chunks = None
     if cfg.distill.teacher:
         from recipes.distillation import build_frozen_teacher

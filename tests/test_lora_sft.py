@@ -87,3 +87,29 @@ def test_convert_exports_a_lora_checkpoint_merged_and_as_peft_adapter(tmp_path, 
     # the adapters only: base weights stay with the base (the merged export holds them)
     adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert adapter_bytes * 5 < (tmp_path / "merged" / "model.safetensors").stat().st_size
+
+
+def test_tiny_cpu_lora_yaml_loads_and_checks():
+    from recipes.config import load_config, resolve_path
+    from recipes.trainer import SFTConfig, check_config, lora_of
+
+    cfg = load_config(SFTConfig, resolve_path("nemo_configs/sft/tiny_cpu_lora.yaml"))
+    check_config(cfg)
+    assert lora_of(cfg).r == 8 and cfg.model.init_checkpoint == "runs/sft-tiny/hf"
+    bad = load_config(SFTConfig, resolve_path("nemo_configs/sft/tiny_cpu_lora.yaml"),
+                      ["peft.lora.target_modules=[q_proj]"])
+    with pytest.raises(ValueError, match=r"peft.lora.target_modules: \['q_proj'\] match no adaptable layer"):
+        check_config(bad)
+
+
+def test_grpo_takes_peft_lora():
+    from recipes.config import ConfigError, load_config, resolve_path
+    from recipes.grpo import GRPOConfig, check_config
+    from recipes.trainer import lora_of
+
+    path = resolve_path("nemo_configs/grpo/tiny_cpu.yaml")
+    cfg = load_config(GRPOConfig, path, ["peft.lora.enabled=true", "peft.lora.r=16"])
+    check_config(cfg)
+    assert lora_of(cfg).r == 16 and lora_of(load_config(GRPOConfig, path)) is None
+    with pytest.raises(ConfigError, match=r"peft.lora.r must be >= 1"):
+        check_config(load_config(GRPOConfig, path, ["peft.lora.enabled=true", "peft.lora.r=0"]))
