@@ -3,7 +3,7 @@
 SIGTERM / SIGUSR1 stop the loop at the next step boundary (every rank after the same step), which is saved before
 the process exits with REQUEUE_EXIT_CODE (75); rerunning the command resumes there. Each checkpoint step carries
 the config's fingerprint, which a resume must match (checkpoint.allow_config_change overrides), and JSONL logs
-lose the rows of the steps a resume runs again.
+lose the rows of the steps a resume runs again. Checkpoints hold every rank's RNG streams; each rank resumes its own.
 """
 
 from __future__ import annotations
@@ -128,6 +128,44 @@ def drop_rows_after(path: Path, step: int) -> None:
     kept = [line for line in lines if 0 < step_of(line) <= step]
     if len(kept) != len(lines):
         _atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def rng_states() -> dict:
+    """Every rank's RNG streams for a checkpoint's `extra` (a collective: rank 0 writes `extra`). The streams differ
+    between ranks (megatron's tensor-parallel stream is seeded per TP rank), so each rank resumes its own."""
+    import torch
+
+    from recipes.megatron import runtime
+
+    mine = runtime.rng_state()
+    states = [mine]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        states = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, mine)
+    return {"rng": states[0], "rng_per_rank": states, "rng_layout": _layout()}
+
+
+def restore_rng(extra: dict) -> None:
+    """Each rank takes back the streams it saved. Under another layout rank i is not the rank i that saved them:
+    every rank keeps the streams this layout seeded (checkpoints saved before per-rank streams give rank 0's)."""
+    from recipes.megatron import runtime
+
+    per_rank = extra.get("rng_per_rank")
+    if per_rank is None:
+        runtime.set_rng_state(extra["rng"])
+    elif list(extra.get("rng_layout", [])) == _layout():
+        runtime.set_rng_state(per_rank[runtime.rank()])
+    else:
+        runtime.print_rank0(f"[resume] RNG streams saved at (world, tp, pp) = {list(extra['rng_layout'])}, resumed "
+                            f"at {_layout()}: each rank keeps the streams seeded for this layout")
+
+
+def _layout() -> list[int]:
+    import torch
+    from megatron.core import parallel_state as ps
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return [world, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()]
 
 
 def config_fingerprint(cfg) -> dict:

@@ -30,7 +30,7 @@ from recipes.config import ConfigError, load_config, resolve_path, save_config
 from recipes.data.sft_dataset import DataConfig
 from recipes.megatron.lora import PeftConfig
 from recipes.resume import (PREEMPTED, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag, check_fingerprint,
-                            drop_rows_after, preempted_exit, save_training_checkpoint)
+                            drop_rows_after, preempted_exit, restore_rng, rng_states, save_training_checkpoint)
 
 TINY_STUDENT = "recipes/assets/models/tiny-qwen2/config.json"
 
@@ -404,7 +404,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
                               f"gives {start * rows_per_step}: resume with the same batch settings, or set "
                               "checkpoint.resume=false / a new output_dir")
         check_fingerprint(cfg, ckpt_dir, start)
-        runtime.set_rng_state(extra["rng"])
+        restore_rng(extra)
         runtime.print_rank0(f"[{stage}] resumed from {ckpt_dir} at step {start}")
     elif cfg.model.init_checkpoint and lora_of(cfg) is None:  # a LoRA base is loaded when it is built
         from recipes.megatron.hf_checkpoint import load_pretrained
@@ -464,7 +464,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
             signum = preempt.requested() if done < steps else 0  # the last step goes on to the final save
             if (periodic or signum) and done < steps:
                 save_training_checkpoint(cfg, ckpt_dir, done, chunks, optimizer, scheduler,
-                                         {"rng": runtime.rng_state(), "consumed_rows": done * rows_per_step},
+                                         {**rng_states(), "consumed_rows": done * rows_per_step},
                                          tokenizer.folder)
             if signum:
                 logger.close()
@@ -472,7 +472,7 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
     elapsed = time.time() - t_start
     if start < steps or checkpointing.latest_step(ckpt_dir) != steps:
         save_training_checkpoint(cfg, ckpt_dir, steps, chunks, optimizer, scheduler,
-                                 {"rng": runtime.rng_state(), "consumed_rows": steps * rows_per_step},
+                                 {**rng_states(), "consumed_rows": steps * rows_per_step},
                                  tokenizer.folder)
     summary.update(final_loss=report["loss"], train_seconds=round(elapsed, 2))
     if data.valid_rows:

@@ -1,12 +1,15 @@
 """End-to-end SFT / KD runs of the tiny student on CPU, each in its own processes (as `nrr` runs them).
 
 - packed and padded batches of the same examples give the same loss and gradients;
-- a run SIGKILLed mid-way and resumed ends with weights bit-identical to an uninterrupted run, one metrics row a step;
+- logit KD at PP=2 (two processes) with its first stage SIGKILLed mid-way and resumed ends with weights and metrics
+  bit-identical to an uninterrupted run, one metrics row a step;
 - SIGTERM at TP=2 (two processes under torchrun): every rank stops after the same step, saves it, exits with the
-  requeue code; the rerun resumes and ends bit-identical to an uninterrupted TP=2 run;
+  requeue code; the rerun resumes and ends bit-identical to an uninterrupted TP=2 run, each rank with its own RNG
+  streams (a resume under another layout keeps the streams that layout seeds);
 - resuming under a config that computes differently is an error naming the key, unless explicitly allowed;
 - TP=2 over two processes (torchrun) matches the TP=1 run step for step;
-- logit KD of a model into itself has zero KL; into a fresh student it trains, at TP=1 and TP=2 alike.
+- logit KD of a model into itself has zero KL, with the same first step at TP=1 and PP=2; into a fresh student it
+  trains, at TP=1 and TP=2 alike.
 """
 
 import json
@@ -17,11 +20,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "sft_scripts"
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+KD_CONFIG = "nemo_configs/kd/tiny_cpu.yaml"
+# metrics that measure time, not the computation (everything else must replay exactly on resume)
+TIMING = {"time", "step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu"}
 TINY = ["data.task.n_per_level=60", "data.task.valid_per_level=4", "training.global_batch_size=8",
         "training.micro_batch_size=4", "training.max_steps=6", "training.warmup_steps=2", "training.lr=0.003",
         "checkpoint.every_steps=2", "checkpoint.keep_last=5", "validation.every_steps=0",
@@ -66,6 +73,22 @@ def tp1_run(tmp_path_factory):
     return run
 
 
+def _kd_self(tp1_run):
+    """Logit KD (forward + reverse KL mix, T=2, half CE) of the SFT run into a student that starts as its copy."""
+    teacher = tp1_run / "checkpoints"
+    return [f"teacher.checkpoint={teacher}", f"model.init_checkpoint={teacher}", *TINY,
+            "model.hf_config=recipes/assets/models/tiny-qwen2/config.json", "kd.kd_weight=0.5", "kd.kind=mix",
+            "kd.temperature=2.0"]
+
+
+@pytest.fixture(scope="module")
+def kd_pp2_run(tmp_path_factory, tp1_run):
+    run = tmp_path_factory.mktemp("kd") / "pp2"
+    _run([PY, "-m", "recipes.kd", "--config", KD_CONFIG, *_kd_self(tp1_run), "parallel.pp=2", f"output_dir={run}"],
+         timeout=600)
+    return run
+
+
 @pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sft") / "tp2"
@@ -83,28 +106,49 @@ def test_packed_and_padded_batches_give_the_same_loss(tmp_path):
     assert max(abs(a - b) for a, b in zip(packed["grad"], padded["grad"])) < 1e-5
 
 
+def _rows_without_timing(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _kill_job(marker: str) -> None:
+    """SIGKILL what is left of a killed job, as a scheduler does: torchrun gives each rank a session of its own,
+    and a rank that dies leaves megatron's checkpoint-writer processes (they ignore SIGTERM) behind."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"NRR_TEST_JOB={marker}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:  # gone, or not ours to read
+            pass
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, tp1_run):
+def test_kd_at_pp2_sigkilled_mid_run_resumes_bit_for_bit(tmp_path, tp1_run, kd_pp2_run):
+    from recipes.resume import REQUEUE_EXIT_CODE
+
     run = tmp_path / "killed"
-    run.mkdir()
-    with open(run / "killed.log", "w") as log:
-        proc = subprocess.Popen([PY, SCRIPTS / "run_sft.py", "--kill-before-step", "3", f"output_dir={run}", *TINY],
-                                cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        rc = proc.wait(timeout=180)
-        # megatron's checkpoint writer leaves a multiprocessing manager behind a SIGKILLed parent, as any
-        # orphan of a killed job: stop the whole session, as a scheduler stops a killed job's processes
-        os.killpg(proc.pid, signal.SIGKILL)
-    assert rc == -9, (run / "killed.log").read_text()[-3000:]
+    args = [*_kd_self(tp1_run), "parallel.pp=2", f"output_dir={run}"]
+    # rank 0 (the first pipeline stage, teacher and student) is SIGKILLed right before step 4 of 6; torchrun then
+    # stops rank 1 and fails
+    marker, log = str(tmp_path), tmp_path / "killed.log"
+    with open(log, "w") as out:  # a file, not a pipe: the processes left behind would hold a pipe open
+        proc = subprocess.Popen([PY, SCRIPTS / "run_sft.py", "--kd", "--kill-before-step", "3", *args], cwd=ROOT,
+                                env={**ENV, "NRR_TEST_JOB": marker}, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=600)
+        finally:
+            _kill_job(marker)
+    assert rc not in (0, REQUEUE_EXIT_CODE), log.read_text()[-3000:]
+    assert "Signal 9 (SIGKILL) received by PID" in log.read_text()
     assert (run / "checkpoints" / "latest").read_text().strip() == "2"  # step 3 ran but was never saved
-    assert not (run / "hf").exists()
-    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3]
-    _run([PY, SCRIPTS / "run_sft.py", f"output_dir={run}", *TINY])
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3] and not (run / "hf").exists()
+    _run([PY, "-m", "recipes.kd", "--config", KD_CONFIG, *args], timeout=600)
     assert json.loads((run / "summary.json").read_text())["start_step"] == 2
-    _same_weights(tp1_run, run)
-    assert _losses(run)[6] == _losses(tp1_run)[6]
-    # step 3's row of the killed run was dropped on resume: one row per step, the rerun's
+    # step 3's row of the killed run was dropped on resume: one row per step (and the final validation's), each
+    # equal to the uninterrupted run's in everything but timing: loss, KL, CE, grad norm, learning rate
     assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
-    assert _losses(run)[3] == _losses(tp1_run)[3]
+    assert _rows_without_timing(run) == _rows_without_timing(kd_pp2_run)
+    _same_weights(kd_pp2_run, run)
 
 
 @pytest.mark.slow
@@ -130,6 +174,43 @@ def test_sigterm_at_tp2_saves_the_step_exits_for_requeue_and_resumes_identically
     assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
     assert _losses(run) == _losses(tp2_run)
     _same_weights(tp2_run, run)
+    # each rank resumed its own RNG streams (megatron's tensor-parallel stream is seeded per TP rank): the final
+    # checkpoints hold the same per-rank torch and tracker states as the uninterrupted run's. (Python's `random`
+    # is not compared: library code outside the training computation draws from it, differently in a resumed
+    # process; training reads only torch's streams.)
+    saved, resumed = (_rng_per_rank(r / "checkpoints", 6) for r in (tp2_run, run))
+    assert not torch.equal(saved[0]["tracker"]["model-parallel-rng"], saved[1]["tracker"]["model-parallel-rng"])
+    for a, b in zip(saved, resumed, strict=True):
+        assert all(torch.equal(a["tracker"][k], b["tracker"][k]) for k in a["tracker"])
+        assert torch.equal(a["torch"], b["torch"])
+
+
+def _rng_per_rank(ckpt_dir, step):
+    from recipes.megatron import checkpointing
+
+    path = checkpointing.step_dir(ckpt_dir, step) / checkpointing.TRAINER_STATE
+    return torch.load(path, weights_only=True)["extra"]["rng_per_rank"]
+
+
+def test_rng_streams_resume_per_rank_only_under_the_layout_that_saved_them():
+    out = _run([PY, "-c", """
+import torch
+from recipes.megatron import runtime
+from recipes.resume import restore_rng, rng_states
+runtime.init_distributed(1, 1, seed=5)
+saved = rng_states()
+assert saved["rng_layout"] == [1, 1, 1] and len(saved["rng_per_rank"]) == 1
+first = torch.rand(3)
+restore_rng(saved)  # same layout: this rank's own streams come back
+assert torch.equal(torch.rand(3), first)
+moved = torch.get_rng_state()
+restore_rng({**saved, "rng_layout": [2, 2, 1]})  # saved by another layout: rank 0 here was not rank 0 there
+assert torch.equal(torch.get_rng_state(), moved)
+restore_rng({"rng": saved["rng"]})  # a checkpoint from before per-rank streams: rank 0's
+assert torch.equal(torch.rand(3), first)
+print("OK")
+"""]).stdout
+    assert out.strip().endswith("OK")
 
 
 @pytest.mark.slow
@@ -162,16 +243,21 @@ def test_two_process_tp2_run_matches_tp1(tp1_run, tp2_run):
 
 
 @pytest.mark.slow
-def test_logit_kd_runs_end_to_end(tmp_path, tp1_run):
+def test_logit_kd_runs_end_to_end(tmp_path, tp1_run, kd_pp2_run):
     teacher = tp1_run / "checkpoints"
     kd = ["-m", "recipes.kd", "--config", "nemo_configs/kd/tiny_cpu.yaml", f"teacher.checkpoint={teacher}",
           *TINY, "training.max_steps=3", "export_hf=false", "kd.kd_weight=1.0"]
     # the teacher distilled into a copy of itself: KL is zero, the CE is the teacher's own
     self_run = tmp_path / "self"
-    _run([PY, *kd, f"output_dir={self_run}", "model.hf_config=recipes/assets/models/tiny-qwen2/config.json",
-          f"model.init_checkpoint={teacher}", "kd.temperature=2.0"])
+    _run([PY, "-m", "recipes.kd", "--config", KD_CONFIG, *_kd_self(tp1_run), "training.max_steps=3",
+          "export_hf=false", f"output_dir={self_run}"])
     rows = [json.loads(line) for line in (self_run / "metrics.jsonl").read_text().splitlines()]
     assert abs(rows[0]["kd"]) < 1e-6 and rows[0]["ce"] > 0
+    # so at PP=2 (the teacher's logits from its own forward-only pipeline pass, on the last stage), whose first
+    # step matches TP=1's. (A fresh student would not do: its random init depends on the pipeline layout.)
+    pp2 = json.loads((kd_pp2_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(pp2["kd"]) < 1e-6 and abs(pp2["ce"] - rows[0]["ce"]) < 1e-5
+    assert abs(pp2["loss"] - rows[0]["loss"]) < 1e-5 and pp2["grad_norm"] == pytest.approx(rows[0]["grad_norm"])
     # into a fresh tiny-llama3 student (same tokenizer): the KL falls, and TP=2 (the KL summed over
     # vocab shards, two processes) matches TP=1
     runs = {}
