@@ -54,6 +54,8 @@ def test_the_demo_chain_at_tiny_budgets_hands_each_stage_what_the_next_expects(t
     # SFT -> GRPO: GRPO started from SFT's checkpoint and trained its 2 steps
     grpo_cfg = (run / "grpo" / "config.yaml").read_text()
     assert f"init_checkpoint: {run / 'sft' / 'checkpoints'}" in grpo_cfg
+    # an override with spaces reaches a local torchrun stage as one argument, unquoted
+    assert "weights:\n    accuracy: 1.0\n    language: 1.0\n    overlong: 1.0\n" in grpo_cfg
     assert (run / "grpo" / "checkpoints" / "latest").read_text().strip() == "2"
 
     # GRPO -> export -> eval: the evaluated GRPO model is the export, whose weights moved away from SFT's
