@@ -8,6 +8,7 @@ way. `--train` (TP=1, TP=2) then takes 3 AdamW steps on the adapters and saves a
                       (must be 0), names of parameters with a gradient buffer
   optimizer_bytes / adapter_numel   held_bytes' optimizer figure and this rank's adapter elements
   merged_vs_unmerged  max |log-prob difference| between the adapted model and a plain model given its merged weights
+  refit_is_merged     the weights the vLLM refit streams (stream_hf_units) equal the merged export bitwise
   logprobs_trained    the probe's log-probs after training (or after --load)
   saved_keys          the tensor keys of the adapter checkpoint (--train)
   errors              {case: message} for a base-hash mismatch, an unknown target and too large a rank (TP=1)
@@ -50,6 +51,7 @@ def write_hf_base(hf: dict, out: Path, seed: int = 0) -> None:
     from recipes import tokenizer
 
     torch.manual_seed(seed)
+    hf = {**hf, "initializer_range": 0.1}  # peaked logits: greedy decoding has no near-ties between engines
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf),
                                                           dtype=torch.float32)
     model.save_pretrained(out)
@@ -130,6 +132,11 @@ def main(argv=None) -> None:
     trained = probe(chunks)
     report["logprobs_trained"] = trained.tolist()
     merged_state = hf_mapping.megatron_to_hf(chunks, hf)  # adapters merged into their layers' weights
+    # what GRPO's refit sends the rollout engine (rank 0 receives): the same merged weights
+    refit = {name: t for unit in hf_mapping.stream_hf_units(chunks, hf) for name, t in unit}
+    if runtime.rank() == 0:
+        report["refit_is_merged"] = refit.keys() == merged_state.keys() and all(
+            torch.equal(refit[k].cpu(), merged_state[k]) for k in refit)
     report["merged_vs_unmerged"] = float((probe(plain_from(merged_state, hf, args.tp, args.pp)) - trained)
                                          .abs().max())
     report["merged_differs_from_base"] = float((trained - base_lp).abs().max())
