@@ -113,3 +113,18 @@ def test_grpo_takes_peft_lora():
     assert lora_of(cfg).r == 16 and lora_of(load_config(GRPOConfig, path)) is None
     with pytest.raises(ConfigError, match=r"peft.lora.r must be >= 1"):
         check_config(load_config(GRPOConfig, path, ["peft.lora.enabled=true", "peft.lora.r=0"]))
+
+
+@pytest.mark.slow
+def test_bench_sft_reports_lora_against_full_fine_tuning(tmp_path):
+    out = tmp_path / "bench.json"
+    _run(["-m", "recipes.cli", "bench", "sft", "n_per_level=20", "steps=1", "seq_length=128", "micro_batch_size=2",
+          "lora_r=4", "--output", out])
+    result = json.loads(out.read_text())
+    lora, full = result["lora"], result["packed"]
+    # Adam's two fp32 moments per trainable element (an fp32 model: no separate main weights), adapters only
+    assert lora["optimizer_bytes"] == 8 * lora["trainable_params"] and full["optimizer_bytes"] == 8 * full[
+        "trainable_params"]
+    assert 0 < lora["trainable_params"] < full["trainable_params"] / 10
+    assert result["lora_vs_full"]["optimizer_bytes"] == [lora["optimizer_bytes"], full["optimizer_bytes"]]
+    assert lora["step_s"] > 0 and full["step_s"] > 0
