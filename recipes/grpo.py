@@ -449,7 +449,7 @@ def train(cfg: GRPOConfig) -> dict:
     from recipes.rl.refit import refit, write_engine_dir
     from recipes.rl.rollout import start_engine
     from recipes.resume import (PREEMPTED, PreemptionFlag, check_fingerprint, drop_rows_after, preempted_exit,
-                                save_training_checkpoint)
+                                restore_rng, rng_states, save_training_checkpoint)
     from recipes.trainer import build_model_and_optimizer, lora_of, model_tokenizer
 
     check_config(cfg)
@@ -483,7 +483,7 @@ def train(cfg: GRPOConfig) -> dict:
     if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
         start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
         check_fingerprint(cfg, ckpt_dir, start)
-        runtime.set_rng_state(extra["rng"])
+        restore_rng(extra)
         runtime.print_rank0(f"[grpo] resumed from {ckpt_dir} at step {start}")
     if rank0:
         save_config(cfg, run_dir / "config.yaml")
@@ -598,7 +598,7 @@ def train(cfg: GRPOConfig) -> dict:
             signum = preempt.requested() if done < g.steps else 0  # the last step goes on to the final save
             if (periodic or signum) and done < g.steps:
                 save_training_checkpoint(cfg, ckpt_dir, done, chunks, optimizer, scheduler,
-                                         {"rng": runtime.rng_state(), "prompt_step": done}, tokenizer.folder)
+                                         {**rng_states(), "prompt_step": done}, tokenizer.folder)
             if signum:
                 if rank0:
                     logger.close()
@@ -610,7 +610,7 @@ def train(cfg: GRPOConfig) -> dict:
     summary.update(train_seconds=round(time.time() - t_run, 1), steps_done=done)
     if done > start or checkpointing.latest_step(ckpt_dir) != done:
         save_training_checkpoint(cfg, ckpt_dir, done, chunks, optimizer, scheduler,
-                                 {"rng": runtime.rng_state(), "prompt_step": done}, tokenizer.folder)
+                                 {**rng_states(), "prompt_step": done}, tokenizer.folder)
     if rank0:
         summary["eval_after"] = heldout_accuracy(backend, tokenizer, cfg.eval, cfg.rollout.max_tokens)
         logger.log(done, summary["eval_after"], prefix="eval/")

@@ -32,7 +32,7 @@ raises CorruptCheckpointError. trainer_state.pt is read with `torch.load(weights
 `extra` (numpy's RNG state) are stored as tensors and given back as arrays.
 
 Any TP/PP layout can load any other's checkpoint (megatron's sharded keys are global). `extra` is taken from rank 0
-(data position, RNG states of rank 0, ...) and may hold tensors, numpy arrays, numbers, strings, None and
+(data position, every rank's RNG streams gathered there: `recipes.resume.rng_states`, ...) and may hold tensors, numpy arrays, numbers, strings, None and
 dicts/lists/tuples of them (what `torch.load(weights_only=True)` reads back); anything else fails at save.
 
 The optimizer state reshards too: megatron's regular optimizer and its DistributedOptimizer (saved in the
