@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from recipes.config import ConfigError, resolve_path
+from recipes.config import ConfigError
 from recipes.stages import STAGES
 from recipes.trainer import SFTConfig, check_config, run_stage, train
 
@@ -139,31 +139,13 @@ class Teacher:
         self.chunks = None
 
     def build(self) -> None:
-        from recipes.megatron.hf_checkpoint import load_pretrained
-        from recipes.megatron import providers
-        from recipes.trainer import ModelConfig, architecture, model_dtype, model_tokenizer
+        from recipes.distillation import build_frozen_teacher
+        from recipes.trainer import model_dtype
 
         if not self.cfg.teacher.checkpoint:
             raise ConfigError("teacher.checkpoint: set the teacher's Megatron checkpoint dir")
-        teacher = ModelConfig(hf_config=self.cfg.teacher.hf_config, init_checkpoint=self.cfg.teacher.checkpoint)
-        t_hf = providers.load_hf_config(architecture(teacher))
-        s_hf = providers.load_hf_config(architecture(self.cfg.model))
-        tp, pp = self.cfg.parallel.tp, self.cfg.parallel.pp
-        if providers.padded_vocab_size(t_hf, tp) != providers.padded_vocab_size(s_hf, tp):
-            raise ConfigError(f"teacher: vocab_size {t_hf['vocab_size']} differs from the student's "
-                              f"{s_hf['vocab_size']}: logit KD needs one tokenizer and vocabulary")
-        t_tok, s_tok = model_tokenizer(teacher), model_tokenizer(self.cfg.model)
-        if t_tok.hf.get_vocab() != s_tok.hf.get_vocab():
-            raise ConfigError(f"teacher.checkpoint: its tokenizer ({t_tok.folder}) is not the student's "
-                              f"({s_tok.folder}): logit KD compares distributions over one vocabulary")
-        sp = self.cfg.parallel.sequence_parallel  # the student's layout (recompute is for models that train)
-        self.chunks = providers.build_model(t_hf, tp, pp, seed=self.cfg.training.seed, ddp=False,
-                                            dtype=model_dtype(self.cfg),
-                                            config_overrides=providers.memory_overrides(sequence_parallel=sp))
-        load_pretrained(self.chunks, resolve_path(self.cfg.teacher.checkpoint))
-        for c in self.chunks:
-            c.eval()
-            c.requires_grad_(False)
+        self.chunks = build_frozen_teacher(self.cfg.teacher.checkpoint, self.cfg.teacher.hf_config, self.cfg.model,
+                                           self.cfg.parallel, self.cfg.training.seed, model_dtype(self.cfg))
 
     def attach_logits(self, micro_batches: list[dict]) -> list[dict]:
         """The micro batches with the teacher's logits. Without pipeline parallelism they are computed one micro
