@@ -113,6 +113,30 @@ def sft_recipe(model: str, nodes: int = 1, gpus_per_node: int = 8, seq_length: i
     return cfg
 
 
+def lora_recipe(model: str, nodes: int = 1, gpus_per_node: int = 1, seq_length: int = 16384,
+                global_batch_size: int = 64, lr: float = 1e-4, r: int = 16, train_path: str | None = "runs/curate/corpus",
+                max_steps: int = 2000, hf_checkpoint: str | None = None,
+                layout: planner.Layout | None = None) -> SFTConfig:
+    """LoRA SFT (rank `r` on every linear layer, the base frozen) on long chain-of-thought traces: with no
+    gradients or Adam state for the base, a 7-8B student trains on one H100."""
+    from recipes.megatron.lora import LoraConfig, PeftConfig
+
+    lay, _ = choose_layout(model, seq_length, nodes, gpus_per_node, global_batch_size, layout, lora_r=r)
+    cfg = SFTConfig(
+        output_dir=f"runs/{model}-lora",
+        model=ModelConfig(hf_config=hf_config_path(model), init_checkpoint=hf_checkpoint or default_checkpoint(model)),
+        data=DataConfig(train_path=train_path, seq_length=seq_length, packing=True, on_bad_record="skip"),
+        parallel=_parallel(lay, nodes),
+        training=dataclasses.replace(_training(lay, global_batch_size, lr, max_steps), weight_decay=0.0),
+        validation=ValidationConfig(every_steps=200, max_rows=256),
+        checkpoint=CheckpointConfig(every_steps=200, keep_last=2, resume=True),
+        logging=LoggingConfig(every_steps=10, tensorboard=True, progress=False),
+        peft=PeftConfig(LoraConfig(enabled=True, r=r, alpha=2.0 * r, dropout=0.05)),
+    )
+    resolve_batch(cfg)
+    return cfg
+
+
 def kd_recipe(model: str, nodes: int = 1, gpus_per_node: int = 8, seq_length: int = 16384,
               global_batch_size: int = 128, lr: float = 1e-5, train_path: str | None = "runs/curate/corpus",
               max_steps: int = 2000,
@@ -203,11 +227,11 @@ def opd_recipe(model: str, nodes: int = 1, gpus_per_node: int = 8, max_tokens: i
         mode="on_policy"))
 
 
-STAGE_OF = {"sft": "sft", "kd": "kd", "grpo": "grpo", "opd": "grpo"}  # recipe kind -> the stage that runs it
+STAGE_OF = {"sft": "sft", "kd": "kd", "grpo": "grpo", "opd": "grpo", "lora": "sft"}  # recipe kind -> the stage that runs it
 
 
 def _named(kind: str, model: str, default_nodes: int):
-    factory = {"sft": sft_recipe, "kd": kd_recipe, "grpo": grpo_recipe, "opd": opd_recipe}[kind]
+    factory = {"sft": sft_recipe, "kd": kd_recipe, "grpo": grpo_recipe, "opd": opd_recipe, "lora": lora_recipe}[kind]
 
     def recipe(nodes: int = default_nodes, **kwargs):
         return factory(model, nodes=nodes, **kwargs)
@@ -223,6 +247,7 @@ STUDENTS = {"qwen2.5-1.5b": 1, "qwen2.5-7b": 2, "llama3.1-8b": 2, "qwen2.5-32b":
 OPD_STUDENTS = {"qwen2.5-1.5b": 1, "qwen2.5-7b": 2}  # with the teacher (7B, 32B) held in the same job
 RECIPES = {f"{m}-{k}": _named(k, m, n) for m, n in STUDENTS.items() for k in ("sft", "kd", "grpo")}
 RECIPES.update({f"{m}-opd": _named("opd", m, n) for m, n in OPD_STUDENTS.items()})
+RECIPES.update({f"{m}-lora": _named("lora", m, 1) for m in ("qwen2.5-7b", "llama3.1-8b")})  # one H100
 qwen25_1p5b_sft, qwen25_7b_sft = RECIPES["qwen2.5-1.5b-sft"], RECIPES["qwen2.5-7b-sft"]
 llama31_8b_sft, qwen25_32b_sft = RECIPES["llama3.1-8b-sft"], RECIPES["qwen2.5-32b-sft"]
 qwen25_1p5b_kd, qwen25_7b_kd = RECIPES["qwen2.5-1.5b-kd"], RECIPES["qwen2.5-7b-kd"]

@@ -233,9 +233,26 @@ class Plan:
         return {k: v / GIB for k, v in self.parts.items()}
 
 
+def lora_state_bytes(hf: dict, layout: Layout, r: int, precision: str = "bf16") -> dict:
+    """One rank's bytes with LoRA of rank `r` on every linear layer of a frozen base (recipes/megatron/lora.py): the
+    base's parameters, and gradients and Adam state (plus fp32 main weights for bf16) for the adapters only; each
+    adapter split over TP as its layer is (A whole and B split for qkv/fc1, A split and B whole for proj/fc2)."""
+    s = _shape(hf)
+    pbytes = 2 if precision == "bf16" else 4
+    h, f, tp = int(hf["hidden_size"]), int(hf["intermediate_size"]), layout.tp
+    heads, groups = int(hf["num_attention_heads"]), int(hf.get("num_key_value_heads") or hf["num_attention_heads"])
+    hd = int(hf.get("head_dim") or h // heads)
+    per_layer = r * (h + (heads + 2 * groups) * hd // tp) + r * (heads * hd // tp + h) \
+        + r * (h + 2 * f // tp) + r * (f // tp + h)
+    adapters = per_layer * (s["layers"] // layout.pp)
+    base = max(sum(n for _, n in rank_parameters(hf, tp, layout.pp, p)) for p in sorted({0, layout.pp - 1}))
+    main_weights = 4 if precision == "bf16" else 0
+    return {"params": (base + adapters) * pbytes, "grads": adapters * 4, "optimizer": adapters * (8 + main_weights)}
+
+
 def plan(hf: dict, layout: Layout, seq_length: int, grad_accumulation: int = 1, precision: str = "bf16",
          flash_attention: bool = True, teacher_hf: dict | None = None, engine: dict | None = None,
-         reference_model: bool = False) -> Plan:
+         reference_model: bool = False, lora_r: int = 0) -> Plan:
     """Bytes per rank on the most loaded pipeline stage.
 
     `teacher_hf` (KD): a frozen teacher with the student's layout, its parameters and its vocab-parallel logits
@@ -249,6 +266,8 @@ def plan(hf: dict, layout: Layout, seq_length: int, grad_accumulation: int = 1, 
     best: dict | None = None
     for pp_rank in sorted({0, layout.pp - 1}):
         state = state_bytes(hf, layout, pp_rank, 0, precision)
+        if lora_r:  # LoRA: the base frozen (no gradient buffer, no Adam state), the adapters trained
+            state = lora_state_bytes(hf, layout, lora_r, precision)
         in_flight = min(layout.pp - pp_rank, grad_accumulation)
         act = activation_bytes_per_layer(hf, seq_length, layout.micro_batch_size, layout, dtype_bytes,
                                          flash_attention) * (s["layers"] // layout.pp) * in_flight
@@ -384,7 +403,10 @@ def _config_inputs(cfg) -> tuple[dict, int, int, str, dict, str]:
 
     global_batch, _ = resolve_batch(cfg)
     teacher = load_hf_config(resolve_path(cfg.teacher.hf_config)) if hasattr(cfg, "teacher") else None
-    return hf, cfg.data.seq_length, global_batch, precision, {"teacher_hf": teacher}, ""
+    kwargs = {"teacher_hf": teacher}
+    if getattr(cfg, "peft", None) is not None and cfg.peft.lora.enabled:
+        kwargs["lora_r"] = cfg.peft.lora.r
+    return hf, cfg.data.seq_length, global_batch, precision, kwargs, ""
 
 
 def _config_plan(cfg) -> Plan:
