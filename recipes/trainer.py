@@ -450,7 +450,8 @@ def train(cfg: SFTConfig, loss_fn=None, prepare_batches=None, extra_metrics=None
             if extra_metrics is not None:
                 metrics.update(extra_metrics())
             logger.log(done, metrics)
-            bar.update(task, completed=done, info=f"loss {report['loss']:.4f} lr {lr:.2e}")
+            bar.update(task, completed=done, info=f"loss {report['loss']:.4f} lr {lr:.2e} "
+                                                  f"{metrics['tokens_per_s']:.0f} tok/s")
             if cfg.logging.every_steps and done % cfg.logging.every_steps == 0 and not cfg.logging.progress:
                 runtime.print_rank0(f"[{stage}] step {done}/{steps} loss {report['loss']:.4f} "
                                     f"lr {lr:.2e} grad_norm {report['grad_norm']:.3f} "
