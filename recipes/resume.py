@@ -194,7 +194,11 @@ def check_fingerprint(cfg, ckpt_dir: Path, step: int) -> None:
     if not path.is_file():
         runtime.print_rank0(f"[resume] {path} is missing: the config is not compared with the checkpoint's")
         return
-    changed = fingerprint.changes(json.loads(path.read_text())["config"], config_fingerprint(cfg)["config"])
+    saved, now = json.loads(path.read_text())["config"], config_fingerprint(cfg)["config"]
+    # a key the saving version did not have yet (a newer config section) counts as unchanged at its default
+    defaults = config_fingerprint(type(cfg)())["config"]
+    now = {k: v for k, v in now.items() if k in saved or v != defaults.get(k, fingerprint.UNSET)}
+    changed = fingerprint.changes(saved, now)
     if not changed:
         return
     if not cfg.checkpoint.allow_config_change:

@@ -130,8 +130,10 @@ def build_adapted_model(hf: dict, lora_cfg, base: dict, tp: int, pp: int, *, ddp
     against), then adapted and (ddp=True) wrapped in DDP, which then holds gradients for the adapters only."""
     from recipes.megatron import lora, providers
 
-    chunks = providers.build_model(hf, tp, pp, seed=base["seed"], ddp=False, dtype=dtype,
-                                   config_overrides=config_overrides)
+    # megatron-core's local layers even where Transformer Engine imports: TE's spec fuses the input norm into
+    # linear_qkv / linear_fc1, whose adapters must see the normalised input
+    overrides = {**(config_overrides or {}), "transformer_impl": "local"}
+    chunks = providers.build_model(hf, tp, pp, seed=base["seed"], ddp=False, dtype=dtype, config_overrides=overrides)
     if base.get("init_checkpoint"):
         load_pretrained(chunks, base["init_checkpoint"])
     sha256 = lora.base_fingerprint(chunks, hf)
