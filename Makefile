@@ -31,10 +31,12 @@ $(STAMP): constraints/cpu.txt pyproject.toml
 demo: env
 	$(BIN)/nrr pipeline --config nemo_configs/pipeline/embedded.yaml
 
-# tests run several processes at once on two cores: idle OpenMP threads sleep instead of spinning
+# tests run several processes at once on two cores: idle OpenMP threads sleep instead of spinning. Two xdist
+# workers take one test module at a time each (tests/conftest.py keeps modules sharing a launch together): most
+# of a test's time is single-threaded process start-up (imports, engines), which the other worker overlaps.
 test: export OMP_WAIT_POLICY := PASSIVE
 test: env
-	$(BIN)/python -m pytest -q -ra --durations=30 --timeout=900 tests
+	$(BIN)/python -m pytest -q -ra --durations=30 --timeout=900 -n 2 tests
 
 test-fast: export OMP_WAIT_POLICY := PASSIVE
 test-fast: env

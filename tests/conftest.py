@@ -9,6 +9,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(ROOT))
 
 
+# `make test` runs the suite on two pytest-xdist workers, one test module at a time each. Modules in one group here
+# go to the same worker: they share a session fixture that launches the runs of every module that uses it.
+SAME_WORKER = {"megatron_workers": ("test_lora.py", "test_megatron_distopt.py", "test_megatron_memory_modes.py",
+                                    "test_megatron_parallel.py", "test_planner.py")}
+
+
+@pytest.hookimpl(optionalhook=True)  # a plain `pytest` without pytest-xdist never calls it
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return next((group for group, names in SAME_WORKER.items() if Path(module).name in names), module)
+
+    return ModuleScopes(config, log)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The repository's own data root (benchmarks, GSM8K train), whatever $NRR_DATA_ROOT says."""

@@ -14,13 +14,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.jobs import kill_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "sft_scripts"
@@ -111,17 +112,6 @@ def _rows_without_timing(run_dir):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-def _kill_job(marker: str) -> None:
-    """SIGKILL what is left of a killed job, as a scheduler does: torchrun gives each rank a session of its own,
-    and a rank that dies leaves megatron's checkpoint-writer processes (they ignore SIGTERM) behind."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if f"NRR_TEST_JOB={marker}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except OSError:  # gone, or not ours to read
-            pass
-
-
 @pytest.mark.slow
 def test_kd_at_pp2_sigkilled_mid_run_resumes_bit_for_bit(tmp_path, tp1_run, kd_pp2_run):
     from recipes.resume import REQUEUE_EXIT_CODE
@@ -137,7 +127,7 @@ def test_kd_at_pp2_sigkilled_mid_run_resumes_bit_for_bit(tmp_path, tp1_run, kd_p
         try:
             rc = proc.wait(timeout=600)
         finally:
-            _kill_job(marker)
+            kill_job(marker)
     assert rc not in (0, REQUEUE_EXIT_CODE), log.read_text()[-3000:]
     assert "Signal 9 (SIGKILL) received by PID" in log.read_text()
     assert (run / "checkpoints" / "latest").read_text().strip() == "2"  # step 3 ran but was never saved
