@@ -1,6 +1,8 @@
 """The demo's chain end to end at tiny budgets (`make demo`'s pipeline with step_overrides): curate -> SFT -> GRPO
 -> HF export -> evaluation through NeMo-Run's local executor, each stage's output checked against what the next
-stage expects, the live progress each stage reported, and the run's record (stage times, commit, report)."""
+stage expects, the live progress each stage reported, and the run's record (stage times, commit, report).
+Generation goes through the transformers backend here: what is under test is the hand-over between stages; the
+vLLM paths of evaluation and GRPO have their own end-to-end tests (test_eval_e2e.py, test_grpo_loop.py)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_LEVEL = 3  # held-out problems per level in both evaluations (4 levels)
 SHORT = {
     "curate": ["embedded_problems.n_per_level=12", "generation.n_samples=1"],
-    "eval_base": [f"benchmarks=[{{name: embedded, levels: [1, 2, 3, 4], n_per_level: {PER_LEVEL}}}]"],
+    "eval_base": [f"benchmarks=[{{name: embedded, levels: [1, 2, 3, 4], n_per_level: {PER_LEVEL}}}]",
+                  "generation.backend=hf"],
     "sft": ["training.max_steps=8", "training.warmup_steps=2", "validation.every_steps=0", "checkpoint.every_steps=4"],
     # language and overlong rewards differ inside a group even for a weak policy: the update is real
     "grpo": ["grpo.steps=2", "grpo.prompts_per_step=4", "grpo.group_size=2", "grpo.micro_batch_size=4",
+             "rollout.backend=hf",
              "eval.per_level=2", "prompts.pool_per_level=20", "rollout.max_tokens=48",
              "rewards.weights={accuracy: 1.0, language: 1.0, overlong: 1.0}", "rewards.overlong_cache_tokens=16"],
-    "eval": [f"benchmarks=[{{name: embedded, levels: [1, 2, 3, 4], n_per_level: {PER_LEVEL}}}]"],
+    "eval": [f"benchmarks=[{{name: embedded, levels: [1, 2, 3, 4], n_per_level: {PER_LEVEL}}}]",
+             "generation.backend=hf"],
 }
 
 
