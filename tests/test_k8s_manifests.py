@@ -169,15 +169,18 @@ def test_every_named_recipe_dry_runs_on_slurm_and_kubernetes(name, tmp_path, cap
     # NeMo-Run packages the Slurm job through invoke, which forwards stdin: give it an empty one, not pytest's
     monkeypatch.setattr("sys.stdin", open(os.devnull))
     cfg = RECIPES[name]()
+    from recipes.trainer import world_size
+
     stage, nodes = STAGE_OF[name.rsplit("-", 1)[1]], cfg.parallel.nodes
+    gpus = world_size(cfg) // nodes  # 8, or 1 for the one-GPU LoRA recipes
     row = plan_table(cfg).splitlines()[2]  # the layout's row of the plan
     common = ["launch", stage, "--config", str(yaml_path(name)), "--dryrun", f"executor.nemorun_home={tmp_path}"]
-    assert main([*common, "--executor", "k8s", f"executor.num_nodes={nodes}"]) == 0
+    assert main([*common, "--executor", "k8s", f"executor.num_nodes={nodes}", f"executor.gpus_per_node={gpus}"]) == 0
     out = capsys.readouterr().out
     docs = list(yaml.safe_load_all(out[out.index("apiVersion"):]))
     assert docs[0]["kind"] == "TrainJob" and docs[0]["spec"]["trainer"]["numNodes"] == nodes
     assert k8s.validate(docs[0]) == [] and row in out[:out.index("apiVersion")]
-    slurm = [*common, "--executor", "slurm", "executor.account=llm", "executor.gpus_per_node=8"]
+    slurm = [*common, "--executor", "slurm", "executor.account=llm", f"executor.gpus_per_node={gpus}"]
     assert main([*slurm, f"executor.nodes={nodes}"]) == 0
     out = capsys.readouterr().out
     script = out[out.index("#!/bin/bash"):]
