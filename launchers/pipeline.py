@@ -56,7 +56,7 @@ class SummaryConfig:
     rows: dict[str, str] = field(default_factory=dict)  # label -> JSON file (templates allowed)
     key: str = "accuracy"  # dotted key inside each JSON file
     report: str | None = None  # a Markdown report: the table by level, and each step's own reports
-    # [a, b]: b - a per level with the paired standard error, from the rows' per-sample files
+    # [a, b, ...]: b - a, ... per level with the paired standard error, from the rows' per-sample files
     # (<benchmark>.jsonl beside each summary.json), and over `practised` levels together (what RL trained on)
     paired: list[str] = field(default_factory=list)
     practised: list[int] = field(default_factory=list)
@@ -172,18 +172,18 @@ def summary_rows(cfg: PipelineConfig, profile: Profile) -> list[tuple[str, str, 
     return rows
 
 
-def paired_gain(cfg: PipelineConfig, profile: Profile) -> dict | None:
-    """summary.paired's b - a, overall, per level and over the practised levels, with paired standard errors;
-    None when not asked for or a row's per-sample file is missing."""
+def paired_gains(cfg: PipelineConfig, profile: Profile) -> list[dict]:
+    """For summary.paired [a, b, ...]: each later row's gain over a (b - a, ...), overall, per level and over the
+    practised levels, with paired standard errors; empty when not asked for or a row's per-sample file is missing."""
     import json
     from pathlib import Path
 
     from recipes.evaluation.metrics import paired_difference
 
     if cfg.summary is None or not cfg.summary.paired:
-        return None
-    if len(cfg.summary.paired) != 2:
-        raise ConfigError(f"summary.paired: two row labels [a, b], got {cfg.summary.paired}")
+        return []
+    if len(cfg.summary.paired) < 2:
+        raise ConfigError(f"summary.paired: a baseline row and at least one other [a, b, ...], got {cfg.summary.paired}")
     files = {label: file for label, file, _ in summary_rows(cfg, profile)}
     parts = cfg.summary.key.split(".")
     if len(parts) < 3 or parts[0] != "benchmarks":
@@ -194,16 +194,20 @@ def paired_gain(cfg: PipelineConfig, profile: Profile) -> dict | None:
             raise ConfigError(f"summary.paired: '{label}' is not a row of summary.rows ({', '.join(files)})")
         samples = Path(files[label]).parent / f"{parts[1]}.jsonl"
         if not samples.is_file():
-            return None
+            return []
         records[label] = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines() if line]
-    a, b = (records[label] for label in cfg.summary.paired)
-    out = paired_difference(a, b)
-    if cfg.summary.practised:
-        keep = {int(v) for v in cfg.summary.practised}
-        out["practised"] = paired_difference([r for r in a if r.get("level") in keep],
-                                             [r for r in b if r.get("level") in keep], group=None)["all"]
-    out["a"], out["b"], out["practised_levels"] = *cfg.summary.paired, sorted(cfg.summary.practised)
-    return out
+    base, *others = cfg.summary.paired
+    keep = {int(v) for v in cfg.summary.practised}
+    gains = []
+    for label in others:
+        a, b = records[base], records[label]
+        out = paired_difference(a, b)
+        if keep:
+            out["practised"] = paired_difference([r for r in a if r.get("level") in keep],
+                                                 [r for r in b if r.get("level") in keep], group=None)["all"]
+        out["a"], out["b"], out["practised_levels"] = base, label, sorted(keep)
+        gains.append(out)
+    return gains
 
 
 def gain_cell(stats: dict | None) -> str:
@@ -277,7 +281,7 @@ def level_values(path: str, key: str) -> dict[str, float]:
 
 def summary_markdown(cfg: PipelineConfig, profile: Profile, with_files: bool = True) -> list[str]:
     """What the run was measured on, its stage times, the summary table (a column per level when the evals
-    report levels) and summary.paired's gain with its paired standard error."""
+    report levels) and summary.paired's gains with their paired standard errors."""
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}" if v <= 1 else f"{v:g}"
 
@@ -290,16 +294,21 @@ def summary_markdown(cfg: PipelineConfig, profile: Profile, with_files: bool = T
     for label, file, value in rows:
         cells = "".join(f"{pct(levels[label].get(lvl))} | " for lvl in level_names)
         lines.append(f"| {label} | {pct(value)} | {cells}" + (f"`{file}` |" if with_files else ""))
-    gain = paired_gain(cfg, profile)
-    if gain:
+    gains = paired_gains(cfg, profile)
+    for gain in gains:
         cells = "".join(f"{gain_cell(gain['by_level'].get(lvl))} | " for lvl in level_names)
         lines.append(f"| {gain['b']} − {gain['a']} (points) | {gain_cell(gain['all'])} | {cells}"
                      + (f"paired on the same {gain['all']['problems']} problems |" if with_files else ""))
-        lines += ["", f"{gain['b']} − {gain['a']}: percentage points ± the paired standard error over the same "
-                      f"{gain['all']['problems']} problems; * marks a difference beyond two standard errors."]
-        if "practised" in gain:
-            levels_text = ", ".join(f"L{v}" for v in gain["practised_levels"])
-            lines += [f"On the levels RL practised ({levels_text}) together: {gain_cell(gain['practised'])}."]
+    if gains:
+        first = gains[0]
+        lines += ["", f"{' / '.join(g['b'] for g in gains)} − {first['a']}: percentage points ± the paired standard "
+                      f"error over the same {first['all']['problems']} problems; * marks a difference beyond two "
+                      "standard errors."]
+        if "practised" in first:
+            levels_text = ", ".join(f"L{v}" for v in first["practised_levels"])
+            lines += [f"On the levels RL practised ({levels_text}) together: "
+                      + "; ".join(f"{g['b']} {gain_cell(g['practised'])}" if len(gains) > 1 else gain_cell(g["practised"])
+                                  for g in gains) + "."]
     return [line.rstrip() for line in lines]
 
 

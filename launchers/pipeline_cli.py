@@ -40,7 +40,7 @@ def print_summary(cfg, profile, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from launchers.pipeline import gain_cell, level_values, paired_gain, summary_rows
+    from launchers.pipeline import gain_cell, level_values, paired_gains, summary_rows
 
     rows = summary_rows(cfg, profile)
     if not rows:
@@ -55,16 +55,17 @@ def print_summary(cfg, profile, file=None) -> None:
     table = Table("model", cfg.summary.key, *(f"L{n}" for n in names), "from", title=cfg.summary.title)
     for label, path, value in rows:
         table.add_row(label, cell(value), *(cell(levels[label].get(n)) for n in names), path)
-    gain = paired_gain(cfg, profile)
-    if gain:
+    gains = paired_gains(cfg, profile)
+    for gain in gains:
         table.add_row(f"{gain['b']} − {gain['a']} (points)", gain_cell(gain["all"]),
                       *(gain_cell(gain["by_level"].get(n)) for n in names),
                       f"paired on the same {gain['all']['problems']} problems; * beyond 2 standard errors")
     console.print(table)
-    if gain and "practised" in gain:
-        levels_text = ", ".join(f"L{v}" for v in gain["practised_levels"])
-        console.print(f"{gain['b']} − {gain['a']} on the practised levels ({levels_text}): "
-                      f"{gain_cell(gain['practised'])} points", markup=False)
+    for gain in gains:
+        if "practised" in gain:
+            levels_text = ", ".join(f"L{v}" for v in gain["practised_levels"])
+            console.print(f"{gain['b']} − {gain['a']} on the practised levels ({levels_text}): "
+                          f"{gain_cell(gain['practised'])} points", markup=False)
     if cfg.summary.report:
         from launchers.pipeline import substitute, write_pipeline_report
         from launchers.profiles import run_path

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from launchers.pipeline import (README_BEGIN, README_END, RUN_INFO, PipelineConfig, gain_cell, paired_gain,
+from launchers.pipeline import (README_BEGIN, README_END, RUN_INFO, PipelineConfig, gain_cell, paired_gains,
                                 splice_readme, summary_markdown)
 from launchers.profiles import load_profile
 from recipes.config import ConfigError, load_config
@@ -72,7 +72,7 @@ def test_report_and_readme_come_from_the_runs_files(tmp_path):
         "stages": {"sft": {"state": "SUCCEEDED", "seconds": 539.0}}}))
     profile = load_profile("local", [])
     cfg = pipeline(tmp_path, ["summary.practised=[2]"])
-    gain = paired_gain(cfg, profile)
+    [gain] = paired_gains(cfg, profile)
     assert gain["practised"]["diff"] == 0.5 and gain["practised"]["problems"] == 2  # p3, p4 (p5 unpaired)
     text = "\n".join(summary_markdown(cfg, profile, with_files=False))
     assert "Measured at commit `abc1234` on 2-core AMD EPYC (AVX-512 BF16, no AMX), torch 2.13.0+cpu" in text
@@ -95,7 +95,21 @@ def test_report_and_readme_come_from_the_runs_files(tmp_path):
     with pytest.raises(ConfigError, match="needs one"):
         splice_readme(str(readme), cfg, profile)
     with pytest.raises(ConfigError, match="'DPO' is not a row"):
-        paired_gain(pipeline(tmp_path, ["summary.paired=[SFT, DPO]"]), profile)
+        paired_gains(pipeline(tmp_path, ["summary.paired=[SFT, DPO]"]), profile)
+
+    # several rows against one baseline: a row per model, each paired with the baseline
+    write_run(tmp_path / "more", {"SFT": (A, 0.25), "GRPO": (B, 0.8), "again": (A, 0.25)})
+    cfg = load_config(PipelineConfig, None, [
+        f"run_dir={tmp_path / 'more'}", f"steps={json.dumps([{'name': 'eval', 'stage': 'eval'}])}",
+        "summary.key=benchmarks.embedded.pass@1", "summary.practised=[2]", "summary.paired=[SFT, GRPO, again]",
+        "summary.rows={SFT: '${eval.dir}/SFT/summary.json', GRPO: '${eval.dir}/GRPO/summary.json', "
+        "again: '${eval.dir}/again/summary.json'}"])
+    assert [(g["b"], g["all"]["diff"]) for g in paired_gains(cfg, profile)] == [("GRPO", 0.5), ("again", 0.0)]
+    text = "\n".join(summary_markdown(cfg, profile, with_files=False))
+    assert "| GRPO − SFT (points) | +50.0 ± 28.9 |" in text and "| again − SFT (points) | +0.0 ± 0.0 |" in text
+    assert "together: GRPO +50.0 ± 50.0; again +0.0 ± 0.0." in text
+    with pytest.raises(ConfigError, match="a baseline row and at least one other"):
+        paired_gains(pipeline(tmp_path, ["summary.paired=[SFT]"]), profile)
 
 
 def test_step_overrides_reach_the_named_step_and_unknown_steps_are_refused(tmp_path):
