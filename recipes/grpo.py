@@ -23,7 +23,8 @@ import torch
 
 from recipes import task
 from recipes.config import ConfigError, resolve_path, save_config
-from recipes.distillation import DistillConfig, check_distill, kl_coef_at, kl_rows, on_policy_advantages
+from recipes.distillation import (DistillConfig, check_distill, kl_coef_at, kl_rows, on_policy_advantages,
+                                  teacher_topk, topk_kl, vocab_parallel_select)
 from recipes.generation.backend import SamplingParams
 from recipes.megatron.lora import PeftConfig, check_config as check_lora
 from recipes.rl.advantages import group_advantages, informative_groups
@@ -98,7 +99,8 @@ class GRPOConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=0))
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     rejection: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
-    # a teacher: on-policy distillation (its per-token log-probs as advantages) or KDRL (GRPO + KL to it)
+    # a teacher: on-policy distillation (its per-token log-probs as advantages, or a KL on its top-k tokens) or
+    # KDRL (GRPO + KL to it)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     # LoRA on a frozen policy base: the refit sends the rollout engine the merged weights
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
@@ -128,10 +130,13 @@ def check_config(cfg: GRPOConfig) -> None:
         check_weights(cfg.rewards)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    check_distill(cfg.distill)
-    if cfg.distill.teacher and cfg.distill.mode == "kdrl" and cfg.loss.kl_coef > 0:
+    check_distill(cfg.distill, cfg.rollout.temperature)
+    if (cfg.distill.teacher or cfg.distill.teacher_url) and cfg.distill.mode == "kdrl" and cfg.loss.kl_coef > 0:
         raise ConfigError("loss.kl_coef (KL to the starting policy) and distill.mode=kdrl (KL to the teacher) "
                           "share the loss's one KL term: set loss.kl_coef=0 or use on_policy")
+    if cfg.distill.teacher and cfg.distill.mode == "topk" and cfg.parallel.pp > 1:
+        raise ConfigError(f"distill.mode=topk runs without pipeline parallelism: parallel.pp={cfg.parallel.pp} "
+                          "(use parallel.pp=1, or distill.mode=on_policy)")
 
 
 # ------------------------------------------------------------------------------ prompts and rollouts
@@ -259,11 +264,13 @@ def distill_gap(teacher_logp: torch.Tensor, batch: dict) -> dict:
     return {"distill/reverse_kl": float(gap.mean()) if gap.numel() else 0.0}
 
 
-def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
+def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0, distill: DistillConfig | None = None):
     """The megatron `loss_fn(logits, batch) -> (loss_sum, denominator)` of the chosen variant.
 
     The logits are divided by the sampling temperature: the policy being optimised is the distribution the
-    rollouts were drawn from (its greedy answer is the same at every temperature).
+    rollouts were drawn from (its greedy answer is the same at every temperature). A batch with the teacher's
+    top-k (`topk_ids`, `topk_logp`) adds distill.coef x the top-k KL of each response token, aggregated as the
+    variant aggregates tokens.
     """
     from recipes.megatron import train_step
 
@@ -283,6 +290,10 @@ def make_loss_fn(cfg: LossConfig, stats: list, temperature: float = 1.0):
         # the engine's log-probs of the sampled tokens: mismatch telemetry, and the TIS weights with loss.tis_cap
         engine = None if batch.get("engine_logp") is None else torch.where(inside, batch["engine_logp"], old)
         loss_sum, denom, micro_stats = policy_loss(logp, old, batch["adv"], batch["loss_mask"], cfg, ref, engine)
+        if "topk_ids" in batch:
+            kl = topk_kl(vocab_parallel_select(logits, batch["topk_ids"]), batch["topk_logp"], distill)
+            loss_sum = loss_sum + distill.coef * reduce_loss(kl, batch["loss_mask"], cfg)[0]
+            micro_stats["topk_kl_sum"] = float((kl.detach() * batch["loss_mask"]).sum())
         with torch.no_grad():
             shard_logp = train_step.vocab_parallel_log_softmax(logits.detach())
             ent = -train_step.tp_sum((shard_logp.exp() * shard_logp).sum(-1))
@@ -317,7 +328,7 @@ def split_rows(batch: dict, rows: list[int], mbs: int, same_shape: bool = False)
         part = by_length[i:i + mbs]
         extent = max(ends) if same_shape else max(ends[j] for j in part)
         idx = [rows[j] for j in part]
-        out.append({k: v[idx, :extent] if v.dim() == 2 else v[idx] for k, v in batch.items()})
+        out.append({k: v[idx, :extent] if v.dim() >= 2 else v[idx] for k, v in batch.items()})
     return out
 
 
@@ -337,6 +348,35 @@ def rows_to_train(batch: dict, rows: list[int], cfg: LossConfig) -> tuple[list[i
         return keep, 0.0
     mask = batch["loss_mask"][idle]
     return keep, float(reduce_loss(torch.zeros_like(mask), mask, cfg)[1])
+
+
+def full_topk(chunks, batch: dict, mbs: int, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k (log-probs, ids) [B, S, k] aligned with `labels`, over the micro-batches of
+    `full_logprobs` (zeros past each micro-batch's extent, outside every loss mask)."""
+    n, s = batch["tokens"].shape
+    logp, ids = None, None
+    for micro in split_rows({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"],
+                             "row": torch.arange(n)}, list(range(n)), mbs):
+        extent = micro["tokens"].shape[1]
+        lp, ix = teacher_topk(chunks, micro["tokens"], k, temperature)
+        if logp is None:  # k may be cut to the vocabulary's size
+            logp, ids = torch.zeros(n, s, lp.shape[-1]), torch.zeros(n, s, lp.shape[-1], dtype=torch.long)
+        logp[micro["row"], :extent - 1], ids[micro["row"], :extent - 1] = lp, ix
+    return logp, ids
+
+
+def endpoint_logprobs(endpoint, groups: list[Group], batch: dict) -> torch.Tensor:
+    """The endpoint teacher's log-probs of every row's tokens, aligned with `labels` like `full_logprobs`: asked
+    by rank 0 (the one holding `endpoint`), broadcast to the others."""
+    from recipes.distillation import endpoint_teacher_logprobs
+
+    shared = [None]
+    if endpoint is not None:
+        shared[0] = endpoint_teacher_logprobs(endpoint, [gr.prompt + r for gr in groups for r in gr.responses],
+                                              batch["tokens"].shape[1])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def full_logprobs(chunks, batch: dict, mbs: int, temperature: float = 1.0, same_shape: bool = False,
@@ -479,6 +519,11 @@ def train(cfg: GRPOConfig) -> dict:
 
         teacher_chunks = build_frozen_teacher(cfg.distill.teacher, cfg.distill.teacher_hf_config, cfg.model,
                                               cfg.parallel, cfg.training.seed, model_dtype(cfg))
+    teacher_endpoint = None
+    if cfg.distill.teacher_url and rank0:  # rank 0 asks the endpoint; the other ranks receive its answers
+        from recipes.distillation import connect_teacher_endpoint
+
+        teacher_endpoint = connect_teacher_endpoint(cfg.distill, tokenizer)
     start = 0
     if cfg.checkpoint.resume and checkpointing.latest_step(ckpt_dir) is not None:
         start, extra = checkpointing.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
@@ -529,8 +574,13 @@ def train(cfg: GRPOConfig) -> dict:
             shares = [[order[k * per_update:(k + 1) * per_update][dp_rank::dp] for k in range(g.minibatches)]
                       for order in orders]
             loss_cfg, distill_metrics = cfg.loss, {}
-            if teacher_chunks is not None:  # the teacher scores the student's sampled tokens
-                teacher_logp = full_logprobs(teacher_chunks, batch, g.micro_batch_size, temperature, same_shape)
+            if teacher_chunks is not None and cfg.distill.mode == "topk":  # the teacher's top-k per position
+                batch["topk_logp"], batch["topk_ids"] = full_topk(teacher_chunks, batch, g.micro_batch_size,
+                                                                  cfg.distill.top_k, temperature)
+                batch["adv"] = cfg.distill.reward_weight * batch["adv"]
+            elif teacher_chunks is not None or cfg.distill.teacher_url:  # the teacher scores the sampled tokens
+                teacher_logp = full_logprobs(teacher_chunks, batch, g.micro_batch_size, temperature, same_shape) \
+                    if teacher_chunks is not None else endpoint_logprobs(teacher_endpoint, groups, batch)
                 if cfg.distill.mode == "on_policy":  # advantages need the student's log-probs of every row first
                     batch["old_logp"] = full_logprobs(chunks, batch, g.micro_batch_size, temperature, same_shape)
                     distill_metrics = distill_gap(teacher_logp, batch)
@@ -543,8 +593,10 @@ def train(cfg: GRPOConfig) -> dict:
                     loss_cfg = dataclasses.replace(cfg.loss, kl_coef=kl_coef_at(cfg.distill, step, g.steps))
                     distill_metrics = {"distill/kl_coef": loss_cfg.kl_coef,
                                        "distill/kl_rows": float(batch["kl_rows"].float().mean())}
-            # which rows each update trains: with pipeline parallelism all of them (micro-batches keep one shape)
-            updates = [[(rows, 0.0) if same_shape else rows_to_train(batch, rows, loss_cfg) for rows in per_epoch]
+            # which rows each update trains: with pipeline parallelism all of them (micro-batches keep one shape);
+            # with the top-k KL every row has a gradient whatever its advantage
+            every_row = same_shape or "topk_ids" in batch
+            updates = [[(rows, 0.0) if every_row else rows_to_train(batch, rows, loss_cfg) for rows in per_epoch]
                        for per_epoch in shares]
             # the first update scores its rows in its own forward pass (the weights have not moved yet); the
             # others need them from before the first update
@@ -557,7 +609,7 @@ def train(cfg: GRPOConfig) -> dict:
 
             # 3. several clipped updates: minibatches x epochs, each split over DP ranks and micro-batches
             loss_stats: list = []
-            loss_fn = make_loss_fn(loss_cfg, loss_stats, temperature)
+            loss_fn = make_loss_fn(loss_cfg, loss_stats, temperature, cfg.distill)
             reports = []
             for epoch in range(g.epochs):
                 for k in range(g.minibatches):
@@ -620,6 +672,8 @@ def train(cfg: GRPOConfig) -> dict:
         runtime.print_rank0(f"[grpo] done: {done} steps in {summary['train_seconds']} s; held-out "
                             f"{summary.get('eval_before')} -> {summary['eval_after']}; run dir {run_dir}")
         backend.close()
+        if teacher_endpoint is not None:
+            teacher_endpoint.close()
     return summary
 
 
@@ -655,6 +709,8 @@ def step_metrics(groups: list[Group], batch: dict, loss_stats: list, reports: li
          "loss": sum(r["loss"] for r in reports) / len(reports),
          "grad_norm": sum(r["grad_norm"] for r in reports) / len(reports), "lr": reports[-1]["lr"],
          "advantage/abs_mean": float(batch["adv"].abs().mean()), **sample_stats}
+    if any("topk_kl_sum" in s for s in loss_stats):  # the trained tokens' top-k KL to the teacher
+        m["distill/topk_kl"] = sum(s.get("topk_kl_sum", 0.0) for s in loss_stats) / tokens
     mismatch_tokens = sum(s.get("mismatch_tokens", 0.0) for s in loss_stats)
     if mismatch_tokens:  # the engine's vs the trainer's old-policy log-probs of the trained tokens (losses.py)
         m["mismatch/token_mult_prob_error"] = sum(s["mismatch_mult_prob_error_sum"]

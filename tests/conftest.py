@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 # `make test` runs the suite on two pytest-xdist workers, one test module at a time each. Modules in one group here
 # go to the same worker: they share a session fixture that launches the runs of every module that uses it.
 SAME_WORKER = {"megatron_workers": ("test_lora.py", "test_megatron_distopt.py", "test_megatron_memory_modes.py",
-                                    "test_megatron_parallel.py", "test_planner.py")}
+                                    "test_megatron_parallel.py", "test_planner.py", "test_topk_distillation.py")}
 
 
 @pytest.hookimpl(optionalhook=True)  # a plain `pytest` without pytest-xdist never calls it

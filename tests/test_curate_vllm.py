@@ -1,8 +1,11 @@
 """`nrr curate --config nemo_configs/curate/vllm_cpu.yaml` against a real vLLM OpenAI server on CPU,
 serving a tiny random-init Qwen2 with the project's tokenizer (its output is garbage: this checks
-the real client path end to end, not the traces)."""
+the real client path end to end, not the traces). The same server is then the teacher of on-policy
+distillation behind an endpoint (`distill.teacher_url`): its prompt log-probs against transformers', the
+tokenizer check, and a short GRPO run that uses it."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +68,9 @@ def test_curate_against_a_vllm_cpu_server(tmp_path):
              f"generation.base_url=http://127.0.0.1:{port}/v1", f"generation.model={model}"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stderr[-4000:]
+        url = f"http://127.0.0.1:{port}/v1"
+        _endpoint_teacher_scores_as_transformers(model, url, tmp_path)
+        _grpo_distills_from_the_endpoint(model, url, tmp_path / "opd")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -82,3 +89,61 @@ def test_curate_against_a_vllm_cpu_server(tmp_path):
     # random weights: nothing is a well-formed correct trace, and every removal has its reason
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert len(rejected) + report["corpus"] == 16 and all(r["reason"] for r in rejected)
+
+
+def _endpoint_teacher_scores_as_transformers(model: Path, url: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from recipes import tokenizer
+    from recipes.config import ConfigError
+    from recipes.distillation import (DistillConfig, check_endpoint_tokenizer, connect_teacher_endpoint,
+                                      endpoint_teacher_logprobs)
+    from recipes.grpo import Group, build_batch
+
+    tok = tokenizer.load(model)
+    endpoint = connect_teacher_endpoint(DistillConfig(teacher_url=url, teacher_model=str(model)), tok)  # ids agree
+    prompts = [tok.prompt_ids("Compute 2 + 3."), tok.prompt_ids("Compute (7 - 4) * 6.")]
+    responses = [tok.encode(text) for text in ("<think>\n2 + 3 = 5\n</think>\n\\boxed{5}", "18", "\\boxed{21} or not")]
+    groups = [Group({"id": i}, prompt, resp, [False, False], [0.0, 1.0], {})
+              for i, (prompt, resp) in enumerate([(prompts[0], responses[:2]), (prompts[1], responses[1:])])]
+    batch = build_batch(groups, True, tok.pad_id)
+    rows = [gr.prompt + r for gr in groups for r in gr.responses]
+    got = endpoint_teacher_logprobs(endpoint, rows, batch["tokens"].shape[1])
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():  # right padding: a row's own positions see none of it
+        want = hf(batch["tokens"]).logits.float().log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0]
+    for i, row in enumerate(rows):  # every position of the row, aligned with labels as the trainer's log-probs
+        assert torch.allclose(got[i, :len(row) - 1], want[i, :len(row) - 1], atol=1e-4, rtol=0), i
+        assert (got[i, len(row) - 1:] == 0).all()
+    assert (batch["loss_mask"] * got).abs().sum() > 0
+
+    # a student whose tokenizer gives two digits each other's ids
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (other / name).write_bytes((model / name).read_bytes())
+    spec = json.loads((model / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["3"], vocab["7"] = vocab["7"], vocab["3"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match=rf"the endpoint's tokenizer \(model {model}\) is not the student's "
+                                          rf"\({other}\)"):
+        check_endpoint_tokenizer(endpoint, tokenizer.load(other))
+    endpoint.close()
+
+
+def _grpo_distills_from_the_endpoint(model: Path, url: str, run_dir: Path) -> None:
+    from recipes.metrics import read_metrics
+
+    args = [f"output_dir={run_dir}", "model.init_checkpoint=null", "grpo.steps=2", "grpo.prompts_per_step=2",
+            "grpo.group_size=4", "grpo.micro_batch_size=4", "grpo.minibatches=2", "rollout.backend=hf",
+            "rollout.max_tokens=16", "eval.levels=[]", "logging.progress=false", "logging.tensorboard=false",
+            "checkpoint.every_steps=0", f"distill.teacher_url={url}", f"distill.teacher_model={model}",
+            "distill.mode=on_policy"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, "-m", "recipes.grpo", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    gaps = [r["distill/reverse_kl"] for r in read_metrics(run_dir) if "reward/mean" in r]
+    # two random inits: the student's samples score lower under the teacher than under the student itself
+    assert len(gaps) == 2 and all(math.isfinite(g) and g > 0 for g in gaps), gaps

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from recipes.config import ConfigError, load_config
-from recipes.distillation import (DistillConfig, build_frozen_teacher, check_distill, kl_coef_at, kl_rows,
-                                  on_policy_advantages)
+from recipes.distillation import (DistillConfig, build_frozen_teacher, check_distill, connect_teacher_endpoint,
+                                  kl_coef_at, kl_rows, on_policy_advantages)
+from recipes.generation.openai_endpoint import EndpointCapabilityError, OpenAIBackend, logprobs_of_tokens
 from recipes.grpo import GRPOConfig, check_config
 from recipes.metrics import read_metrics
 from recipes.trainer import ModelConfig, ParallelConfig
@@ -59,6 +60,51 @@ def test_bad_distill_settings_are_config_errors():
     with pytest.raises(ConfigError, match="share the loss's one KL term"):
         check_config(load_config(GRPOConfig, None, ["distill.teacher=t", "distill.mode=kdrl", "loss.kl_coef=0.1"]))
     check_distill(DistillConfig(kl_coef=7.0))  # no teacher: the section is not used
+
+
+def test_bad_endpoint_teacher_settings_are_config_errors(monkeypatch):
+    url = ["distill.teacher_url=http://127.0.0.1:1/v1", "distill.teacher_model=teacher"]
+    for overrides, message in [
+            (["distill.teacher=t", *url], "distill.teacher and distill.teacher_url are both set"),
+            (["distill.teacher_url=http://127.0.0.1:1/v1"], "needs distill.teacher_model"),
+            ([*url, "rollout.temperature=0.7"], r"rollout.temperature=0.7: the endpoint scores the teacher at "
+                                                r"temperature 1 .* set rollout.temperature=1.0"),
+            ([*url, "distill.teacher_hf_config=x.json"], "teacher_hf_config describes a checkpoint teacher"),
+            ([*url, "distill.mode=kdrl", "loss.kl_coef=0.1"], "share the loss's one KL term")]:
+        with pytest.raises(ConfigError, match=message):
+            check_config(load_config(GRPOConfig, None, overrides))
+    check_config(load_config(GRPOConfig, None, [*url, "distill.mode=kdrl"]))
+    monkeypatch.delenv("NRR_TEST_TEACHER_KEY", raising=False)
+    with pytest.raises(ConfigError, match="distill.teacher_api_key_env names the env var 'NRR_TEST_TEACHER_KEY'"):
+        connect_teacher_endpoint(DistillConfig(teacher_url="http://127.0.0.1:1/v1", teacher_model="t",
+                                               teacher_api_key_env="NRR_TEST_TEACHER_KEY"), None)
+
+
+def test_an_endpoint_without_prompt_log_probs_or_a_tokenizer_cannot_be_the_teacher():
+    from recipes import tokenizer
+    from recipes.teacher.server import TeacherServer, TeacherServerConfig
+
+    with TeacherServer(TeacherServerConfig()) as server:  # the project's teacher: text completions only
+        endpoint = OpenAIBackend(server.base_url, server.cfg.model, api_key_env=None)
+        with pytest.raises(EndpointCapabilityError, match=rf"the endpoint {server.base_url} refused a prompt log-prob "
+                                                          r"request \(HTTP 400: .*'prompt' must be a non-empty "
+                                                          r"string.*\): a teacher endpoint must .*prompt_logprobs"):
+            endpoint.prompt_logprobs([[5, 6, 7]])
+        endpoint.close()
+        cfg = DistillConfig(teacher_url=server.base_url, teacher_model=server.cfg.model)
+        with pytest.raises(ConfigError, match=rf"distill.teacher_url={server.base_url}: the endpoint .* has no "
+                                              r"tokenizer route: POST http://127.0.0.1:\d+/tokenize answered HTTP "
+                                              r"404 .*cannot be checked against the student's"):
+            connect_teacher_endpoint(cfg, tokenizer.load())
+    # what a server that took the request but returned no (or other) prompt log-probs hands back
+    with pytest.raises(EndpointCapabilityError, match="answered without prompt log-probs"):
+        logprobs_of_tokens(None, [5, 6], "http://x/v1")
+    with pytest.raises(EndpointCapabilityError, match="returned 1 prompt log-probs for a prompt of 2 tokens"):
+        logprobs_of_tokens([None], [5, 6], "http://x/v1")
+    with pytest.raises(EndpointCapabilityError, match="no log-prob for token 6 at position 1"):
+        logprobs_of_tokens([None, {"7": {"logprob": -0.1}}], [5, 6], "http://x/v1")
+    entries = [None, {"6": {"logprob": -1.5, "rank": 3}, "9": {"logprob": -0.2, "rank": 1}}, {"6": {"logprob": -0.7}}]
+    assert logprobs_of_tokens(entries, [5, 6, 6], "http://x/v1") == [-1.5, -0.7]
 
 
 def make_teacher(folder: Path, seed: int, tokenizer_from: Path = TINY) -> Path:

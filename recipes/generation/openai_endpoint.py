@@ -3,6 +3,10 @@
 `generate` raises at a prompt's first failure (after the client's retries); `generate_tolerant` hands back an
 `EndpointFailure` (error class and message) for that prompt instead, so evaluation can count failures against its
 budget. A 401 / 403 stops both at once: a refused key would fail every request.
+
+`prompt_logprobs` scores given token ids (a teacher behind an endpoint, `recipes.distillation`) through vLLM's
+extension of the Completions API (`prompt_logprobs`), and `tokenize` reads the server's tokenizer (vLLM's
+POST /tokenize); an endpoint without them (a hosted API, most NIMs) is an `EndpointCapabilityError`.
 """
 
 from __future__ import annotations
@@ -31,14 +35,19 @@ class EndpointAuthError(RuntimeError):
     """The endpoint refused the key (HTTP 401 / 403)."""
 
 
-def endpoint_api_key(api_key_env: str | None) -> str:
-    """The key from the variable the config names; None names none: an endpoint that needs no key (a local vLLM)."""
+class EndpointCapabilityError(RuntimeError):
+    """The endpoint lacks what was asked of it (prompt log-probs, a tokenizer route)."""
+
+
+def endpoint_api_key(api_key_env: str | None, key_setting: str = "generation.api_key_env") -> str:
+    """The key from the variable the config names; None names none: an endpoint that needs no key (a local vLLM).
+    `key_setting` is the config key that names the variable (for the error)."""
     if api_key_env is None:
         return "EMPTY"  # the client requires some value; a server without auth ignores it
     key = os.environ.get(api_key_env)
     if not key:
-        raise ConfigError(f"generation.api_key_env names the env var {api_key_env!r}, which is not set: export it, "
-                          "or set generation.api_key_env=null for an endpoint that needs no key")
+        raise ConfigError(f"{key_setting} names the env var {api_key_env!r}, which is not set: export it, "
+                          f"or set {key_setting}=null for an endpoint that needs no key")
     return key
 
 
@@ -62,13 +71,15 @@ class OpenAIBackend:
     from the variable `api_key_env` names and is handed to the client only, never logged or written."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 max_concurrency: int = 8, timeout: float = 600.0, tokenizer_dir: str | None = None, max_retries: int = 2):
+                 max_concurrency: int = 8, timeout: float = 600.0, tokenizer_dir: str | None = None,
+                 max_retries: int = 2, key_setting: str = "generation.api_key_env"):
         import openai
 
         if not base_url:
             raise ValueError("generation.base_url is required for the openai backend")
-        self._key = endpoint_api_key(api_key_env)
+        self._key = endpoint_api_key(api_key_env, key_setting)
         self.base_url, self.api_key_env, self.max_retries = base_url, api_key_env, max_retries
+        self.key_setting, self.timeout = key_setting, timeout
         # the client retries 429 / 5xx / timeouts / connection errors itself; malformed JSON is retried here
         self.client = openai.OpenAI(base_url=base_url, api_key=self._key, timeout=timeout, max_retries=max_retries)
         self.model = model
@@ -109,10 +120,15 @@ class OpenAIBackend:
         return comps
 
     def _auth_error(self, cls: str) -> EndpointAuthError:
-        where = (f"the key in ${self.api_key_env} (generation.api_key_env)" if self.api_key_env else
-                 "no key: generation.api_key_env is null; set it to the env var holding the endpoint's key")
+        where = (f"the key in ${self.api_key_env} ({self.key_setting})" if self.api_key_env else
+                 f"no key: {self.key_setting} is null; set it to the env var holding the endpoint's key")
         return EndpointAuthError(f"the endpoint {self.base_url} refused the request with HTTP {cls[5:]}: "
                                  f"check {where}")
+
+    def _redact(self, message: str) -> str:
+        if self._key != "EMPTY" and len(self._key) >= 4:  # a server may echo the header back
+            message = message.replace(self._key, "***")
+        return message
 
     def generate_tolerant(self, prompts: list[Prompt],
                           params: SamplingParams) -> list[list[Completion] | EndpointFailure]:
@@ -135,10 +151,7 @@ class OpenAIBackend:
                 if cls in AUTH_CLASSES:
                     with lock:
                         refused.append(cls)
-                message = f"{type(err).__name__}: {err}"
-                if self._key != "EMPTY" and len(self._key) >= 4:  # a server may echo the header back
-                    message = message.replace(self._key, "***")
-                return EndpointFailure(cls, message[:300])
+                return EndpointFailure(cls, self._redact(f"{type(err).__name__}: {err}")[:300])
 
         with ThreadPoolExecutor(self.max_concurrency) as pool:
             results = list(pool.map(one, prompts))
@@ -154,5 +167,81 @@ class OpenAIBackend:
                                f"{failed.error}")
         return results
 
+    # ---------------------------------------------------------------- scoring given token ids (vLLM's extensions)
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Per sequence, the log-prob of each token after the first given the ones before it (len - 1 values), at
+        temperature 1: the served model's raw distribution, as vLLM computes prompt log-probs."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.max_concurrency) as pool:
+            return list(pool.map(self._score, sequences))
+
+    def _score(self, ids: list[int]) -> list[float]:
+        import openai
+
+        try:
+            resp = self.client.completions.create(model=self.model, prompt=list(ids), max_tokens=1, temperature=0.0,
+                                                  extra_body={"prompt_logprobs": 0})
+        except openai.APIStatusError as err:
+            cls = error_class(err)
+            if cls in AUTH_CLASSES:
+                raise self._auth_error(cls) from None
+            if 400 <= err.status_code < 500:  # the request itself is refused: token-id prompts or the field unknown
+                raise EndpointCapabilityError(
+                    f"the endpoint {self.base_url} refused a prompt log-prob request (HTTP {err.status_code}: "
+                    f"{self._redact(str(err))[:200]}): {NEEDS_PROMPT_LOGPROBS}") from None
+            raise
+        except openai.APIConnectionError as err:  # after the client's retries; its message names no server
+            raise RuntimeError(f"the endpoint {self.base_url} could not be reached: {type(err).__name__}: "
+                               f"{self._redact(str(err))}") from err
+        choice = resp.choices[0]
+        entries = (choice.model_extra or {}).get("prompt_logprobs")
+        return logprobs_of_tokens(entries, ids, self.base_url)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The server's token ids of `text` (no special tokens added): vLLM's POST <server>/tokenize."""
+        import httpx
+
+        url = self.base_url.rstrip("/").removesuffix("/v1") + "/tokenize"
+        try:
+            r = httpx.post(url, json={"model": self.model, "prompt": text, "add_special_tokens": False},
+                           headers={"Authorization": f"Bearer {self._key}"}, timeout=self.timeout)
+        except httpx.HTTPError as err:
+            raise EndpointCapabilityError(f"POST {url}: {type(err).__name__}: {self._redact(str(err))}") from None
+        if r.status_code in (401, 403):
+            raise self._auth_error(f"http_{r.status_code}")
+        tokens = r.json().get("tokens") if r.status_code == 200 and "json" in r.headers.get("content-type", "") \
+            else None
+        if not isinstance(tokens, list):
+            raise EndpointCapabilityError(
+                f"the endpoint {self.base_url} has no tokenizer route: POST {url} answered HTTP {r.status_code} "
+                f"without token ids, so its tokenizer cannot be checked against the student's; {NEEDS_PROMPT_LOGPROBS}")
+        return [int(t) for t in tokens]
+
     def close(self) -> None:
         self.client.close()
+
+
+NEEDS_PROMPT_LOGPROBS = ("a teacher endpoint must score given token ids and return them per position "
+                         "(`prompt_logprobs`) and serve POST /tokenize, as a vLLM server does "
+                         "(`vllm serve <teacher>`); a hosted API or a server without these cannot be the teacher")
+
+
+def logprobs_of_tokens(entries, ids: list[int], base_url: str) -> list[float]:
+    """The log-prob of each token of `ids` after the first from vLLM's `prompt_logprobs` of that prompt (None for
+    the first token, then {token_id: {"logprob": ...}}: the token actually there, and the top ones)."""
+    if not isinstance(entries, list):
+        raise EndpointCapabilityError(f"the endpoint {base_url} answered without prompt log-probs: "
+                                      f"{NEEDS_PROMPT_LOGPROBS}")
+    if len(entries) != len(ids):
+        raise EndpointCapabilityError(f"the endpoint {base_url} returned {len(entries)} prompt log-probs for a "
+                                      f"prompt of {len(ids)} tokens: it did not score the token ids it was given")
+    out = []
+    for pos, (entry, token) in enumerate(zip(entries[1:], ids[1:]), start=1):
+        hit = (entry or {}).get(str(token))
+        if hit is None:
+            raise EndpointCapabilityError(f"the endpoint {base_url}: no log-prob for token {token} at position "
+                                          f"{pos} of a {len(ids)}-token prompt")
+        out.append(float(hit["logprob"]))
+    return out
