@@ -51,9 +51,17 @@ def test_kdrl_schedule_and_reward_guided_rows():
 def test_bad_distill_settings_are_config_errors():
     for override, message in [("distill.kl_coef=1.5", r"distill.kl_coef=1.5: .* \[0, 1\]"),
                               ("distill.kl_coef_end=-0.1", r"distill.kl_coef_end=-0.1: .* \[0, 1\]"),
-                              ("distill.mode=sft", "'distill.mode' must be one of 'on_policy' | 'kdrl', got 'sft'"),
-                              ("distill.coef=0", "needs a positive teacher weight")]:
+                              ("distill.mode=sft", "'distill.mode' must be one of 'on_policy' | 'kdrl' | 'topk', "
+                                                   "got 'sft'"),
+                              ("distill.coef=0", "needs a positive teacher weight"),
+                              ("distill.top_k=0", r"distill.top_k=0: .* \(>= 1\)"),
+                              ("distill.alpha=1.5", r"distill.alpha=1.5: .* \[0, 1\]"),
+                              ("distill.kind=jsd", "'distill.kind' must be one of 'forward' | 'reverse' | 'mixed', "
+                                                   "got 'jsd'"),
+                              ("parallel.pp=2", "distill.mode=topk runs without pipeline parallelism: "
+                                                "parallel.pp=2")]:
         overrides = ["distill.teacher=t", "distill.mode=kdrl", override] if "kl_coef" in override \
+            else ["distill.teacher=t", "distill.mode=topk", override] if "mode" not in override \
             else ["distill.teacher=t", override]
         with pytest.raises(ConfigError, match=message):
             check_config(load_config(GRPOConfig, None, overrides))
@@ -70,7 +78,9 @@ def test_bad_endpoint_teacher_settings_are_config_errors(monkeypatch):
             ([*url, "rollout.temperature=0.7"], r"rollout.temperature=0.7: the endpoint scores the teacher at "
                                                 r"temperature 1 .* set rollout.temperature=1.0"),
             ([*url, "distill.teacher_hf_config=x.json"], "teacher_hf_config describes a checkpoint teacher"),
-            ([*url, "distill.mode=kdrl", "loss.kl_coef=0.1"], "share the loss's one KL term")]:
+            ([*url, "distill.mode=kdrl", "loss.kl_coef=0.1"], "share the loss's one KL term"),
+            ([*url, "distill.mode=topk"], "distill.mode=topk with distill.teacher_url: .* give the teacher as a "
+                                          "checkpoint")]:
         with pytest.raises(ConfigError, match=message):
             check_config(load_config(GRPOConfig, None, overrides))
     check_config(load_config(GRPOConfig, None, [*url, "distill.mode=kdrl"]))
@@ -160,3 +170,10 @@ def test_on_policy_distillation_pulls_the_student_to_its_teacher_and_kdrl_follow
     # a random student earns no reward: reward-guided masking leaves the KL term on every response
     assert [r["distill/kl_rows"] for r in rows] == [1.0, 1.0, 1.0]
     assert rows[0]["kl"] > 0  # the KL to the teacher is measured on the trained tokens
+
+    # top-k: the student's distribution on the teacher's 16 likeliest tokens per position pulled to the teacher's
+    rows = _grpo(tmp_path / "topk", f"distill.teacher={teacher}", "distill.mode=topk", "distill.top_k=16",
+                 "grpo.steps=3", "rewards.weights={accuracy: 1.0}")
+    kls = [r["distill/topk_kl"] for r in rows]
+    assert len(kls) == 3 and kls[0] > 0.02, kls
+    assert kls[-1] < 0.3 * kls[0], kls
