@@ -20,11 +20,13 @@ from recipes.rl.rejection_sampling import select_correct, to_record
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu", "dapo_tiny_cpu", "drgrpo_tiny_cpu"])
+@pytest.mark.parametrize("name", ["tiny_cpu", "dapo_tiny_cpu", "drgrpo_tiny_cpu", "opd_tiny_cpu", "kdrl_tiny_cpu"])
 def test_configs_load_and_validate(name):
     cfg = load_config(GRPOConfig, ROOT / "nemo_configs" / "grpo" / f"{name}.yaml")
     check_config(cfg)
-    assert cfg.loss.variant == {"tiny_cpu": "grpo", "dapo_tiny_cpu": "dapo", "drgrpo_tiny_cpu": "dr_grpo"}[name]
+    assert (cfg.loss.variant, cfg.distill.teacher is not None and cfg.distill.mode) == {
+        "tiny_cpu": ("grpo", False), "dapo_tiny_cpu": ("dapo", False), "drgrpo_tiny_cpu": ("dr_grpo", False),
+        "opd_tiny_cpu": ("grpo", "on_policy"), "kdrl_tiny_cpu": ("grpo", "kdrl")}[name]
 
 
 def test_config_errors_name_the_problem():
