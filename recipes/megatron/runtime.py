@@ -61,10 +61,19 @@ def _is_cuda_device(dev) -> bool:
     return isinstance(dev, int) and not isinstance(dev, bool)
 
 
+# the torch functions the mode changes even when they are called without keyword arguments
+_PLACEMENT_FUNCS = frozenset((torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.is_pinned, torch.Tensor.type,
+                              torch.Tensor.to))
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Redirect CUDA placements to CPU for every torch call made while the mode is active."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # this runs in Python on every torch op of the process (a training step makes thousands): the common case,
+        # an op with no keyword arguments that places nothing, goes straight through
+        if not kwargs and func not in _PLACEMENT_FUNCS:
+            return func(*args)
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
