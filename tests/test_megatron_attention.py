@@ -52,8 +52,25 @@ def test_sdpa_attention_matches_megatron_dot_product_attention():
             SDPADotProductAttention._sdpa_applies = applies
             print(name, float((sdpa[0] - ref[0]).abs().max()), float((sdpa[1] - ref[1]).norm() / ref[1].norm()),
                   float(ref[0].abs().max()))
+
+        # the packed mask reaches SDPA as the float bias SDPA itself makes of a boolean mask, built once per mask
+        # (every layer gets the same one) and again after an in-place change
+        from torch.nn.functional import scaled_dot_product_attention as F_sdpa
+        from recipes.megatron.sdpa_attention import additive_mask
+        q, k, v = (torch.randn(b, 4, s, 8) for _ in range(3))
+        bias = additive_mask(packed, torch.float32)
+        assert additive_mask(packed, torch.float32) is bias
+        assert torch.equal(F_sdpa(q, k, v, attn_mask=bias), F_sdpa(q, k, v, attn_mask=~packed))
+        packed[0, 0, 13, 12] = True  # the second document's second token no longer sees its first
+        rebuilt = additive_mask(packed, torch.float32)
+        assert rebuilt is not bias and rebuilt[0, 0, 13, 12] == float("-inf") and bias[0, 0, 13, 12] == 0
+        assert torch.equal(F_sdpa(q, k, v, attn_mask=rebuilt), F_sdpa(q, k, v, attn_mask=~packed))
+        assert additive_mask(packed, torch.bfloat16).dtype == torch.bfloat16
+        print("bias ok")
         """)
-    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.splitlines() if line.strip()}
+    assert "bias ok" in out
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.splitlines()
+            if line.strip() and line != "bias ok"}
     for name in ("packed", "causal"):
         logits_diff, grad_rel, scale = rows[name]
         assert scale > 0.1  # a real signal
