@@ -42,11 +42,10 @@ class _FullPrecisionSDPA(torch.autograd.Function):
     autograd reaches it, outside any context the forward could set, so it differentiates its own inner graph."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, is_causal, scale, enable_gqa):
+    def forward(ctx, q, k, v, attn_mask, is_causal, scale):
         with full_fp32_matmuls(), torch.enable_grad():
             inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(*inputs, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                                 enable_gqa=enable_gqa)
+            out = F.scaled_dot_product_attention(*inputs, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
         ctx.inner = (inputs, out)
         return out.detach()
 
@@ -57,18 +56,20 @@ class _FullPrecisionSDPA(torch.autograd.Function):
         wanted = [t for t in inputs if t.requires_grad]
         with full_fp32_matmuls():
             grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None, None)
+        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None)
 
 
 def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     """`F.scaled_dot_product_attention`, kept at full float32 precision on CPU when matmuls run below it."""
-    options = {"attn_mask": attn_mask, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
+    if enable_gqa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=True)
     if q.device.type != "cpu" or q.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest":
-        return F.scaled_dot_product_attention(q, k, v, **options)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _FullPrecisionSDPA.apply(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        return _FullPrecisionSDPA.apply(q, k, v, attn_mask, is_causal, scale)
     with full_fp32_matmuls():
-        return F.scaled_dot_product_attention(q, k, v, **options)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -101,15 +102,13 @@ class SDPADotProductAttention(DotProductAttention):
         group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        # the CPU flash kernel (masked or not) and a GPU's flash kernel without a mask read the shared K/V heads
-        # themselves (enable_gqa); elsewhere the K/V heads are repeated, which costs a copy of them forward, a sum
-        # backward and keeps (heads - groups) more K and V heads for backward
-        gqa = group > 1 and (q.device.type == "cpu" or attention_mask is None)
+        # on a GPU without a mask, the flash kernel reads the shared K/V heads itself (enable_gqa); elsewhere the
+        # K/V heads are repeated, which keeps (heads - groups) more K and V heads for backward
+        gqa = group > 1 and q.device.type == "cuda" and attention_mask is None
         if group > 1 and not gqa:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if attention_mask is not None:  # megatron's mask is True where attention is NOT allowed; SDPA's the opposite
-            out = sdpa(q, k, v, attn_mask=additive_mask(attention_mask, q.dtype), scale=self.softmax_scale,
-                       enable_gqa=gqa)
+            out = sdpa(q, k, v, attn_mask=additive_mask(attention_mask, q.dtype), scale=self.softmax_scale)
         else:
             causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and sq > 1
             out = sdpa(q, k, v, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa)
