@@ -30,6 +30,7 @@ TYPED_STAGES: dict[str, tuple[str, str | None]] = {
     "sft": ("recipes.trainer:SFTConfig", "recipes.trainer:check_config"),
     "kd": ("recipes.kd:KDConfig", "recipes.kd:check_kd_config"),
     "grpo": ("recipes.grpo:GRPOConfig", "recipes.grpo:check_config"),
+    "distill": ("recipes.grpo:GRPOConfig", "recipes.distill_cli:check_config"),
     "curate": ("curator_pipelines.config:CurateConfig", "curator_pipelines.pipeline:check_input"),
     "eval": ("recipes.evaluation.config:EvalConfig", None),  # `eval run` only; grade/compare take plain arguments
 }

@@ -37,6 +37,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           "and faults.", "nemo_configs/teacher/embedded.yaml"),
     Stage("grpo", "recipes.grpo", "GRPO / Dr.GRPO / DAPO with vLLM rollouts on the Megatron policy (or `grpo "
           "rejection-sample`).", "nemo_configs/grpo/tiny_cpu.yaml", "torchrun", "output_dir"),
+    Stage("distill", "recipes.distill_cli", "On-policy distillation (sampled-token or top-k KL to a teacher) or KDRL: "
+          "the GRPO loop with a frozen teacher.", "nemo_configs/grpo/opd_tiny_cpu.yaml", "torchrun", "output_dir"),
     Stage("convert", "recipes.convert", "Convert checkpoints: HF -> Megatron (from-hf), Megatron -> HF (to-hf), "
           "random-init base (init).", launcher="python"),
     Stage("eval", "recipes.eval", "Evaluate reasoning on MATH-500, AIME24, AMC23, GSM8K, Minerva, OlympiadBench and "

@@ -177,3 +177,13 @@ def test_on_policy_distillation_pulls_the_student_to_its_teacher_and_kdrl_follow
     kls = [r["distill/topk_kl"] for r in rows]
     assert len(kls) == 3 and kls[0] > 0.02, kls
     assert kls[-1] < 0.3 * kls[0], kls
+
+
+def test_nrr_distill_requires_a_teacher(capsys):
+    from recipes.cli import main
+
+    assert main(["distill", "distill.teacher=null"]) == 2
+    assert "nrr distill needs a teacher" in capsys.readouterr().err
+    assert main(["distill", "mode=rejection_sample"]) == 2
+    assert "rejection sampling is `nrr grpo rejection-sample`" in capsys.readouterr().err
+

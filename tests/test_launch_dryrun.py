@@ -105,6 +105,12 @@ def test_dryrun_refuses_a_bad_stage_config_before_writing_anything(tmp_path, cap
     # a stage's own arguments go through its own parser
     err = launch_error(capsys, "task", "--dryrun", f"executor.nemorun_home={home}", "--", "--split", "bogus")
     assert "nrr task: argument --split: invalid choice: 'bogus'" in err
+    # `nrr distill` is the GRPO loop with a teacher, and is checked as such before anything is submitted
+    err = launch_error(capsys, "distill", "--dryrun", f"executor.nemorun_home={home}", "distill.teacher=null")
+    assert "nrr distill needs a teacher" in err
+    err = launch_error(capsys, "distill", "--dryrun", f"executor.nemorun_home={home}", "distill.kl_coef=1.5",
+                       "distill.mode=kdrl")
+    assert "distill.kl_coef=1.5: the KL weight schedule must stay in [0, 1]" in err
     assert not home.exists()  # nothing was written: not even NeMo-Run's store
 
 
