@@ -98,6 +98,7 @@ def _endpoint_teacher_scores_as_transformers(model: Path, url: str, tmp_path: Pa
     from recipes.config import ConfigError
     from recipes.distillation import (DistillConfig, check_endpoint_tokenizer, connect_teacher_endpoint,
                                       endpoint_teacher_logprobs)
+    from recipes.generation.openai_endpoint import EndpointCapabilityError
     from recipes.grpo import Group, build_batch
 
     tok = tokenizer.load(model)
@@ -116,6 +117,10 @@ def _endpoint_teacher_scores_as_transformers(model: Path, url: str, tmp_path: Pa
         assert torch.allclose(got[i, :len(row) - 1], want[i, :len(row) - 1], atol=1e-4, rtol=0), i
         assert (got[i, len(row) - 1:] == 0).all()
     assert (batch["loss_mask"] * got).abs().sum() > 0
+    # a row longer than the served context (--max-model-len 512) is named as such, with its length
+    with pytest.raises(EndpointCapabilityError, match="cannot score a row of 600 tokens: it is longer than the "
+                                                      "served model's context"):
+        endpoint.prompt_logprobs([[5] * 600])
 
     # a student whose tokenizer gives two digits each other's ids
     other = tmp_path / "other-tokenizer"

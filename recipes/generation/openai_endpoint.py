@@ -187,6 +187,11 @@ class OpenAIBackend:
             cls = error_class(err)
             if cls in AUTH_CLASSES:
                 raise self._auth_error(cls) from None
+            if err.status_code == 400 and "context length" in str(err):  # vLLM: the row exceeds --max-model-len
+                raise EndpointCapabilityError(
+                    f"the endpoint {self.base_url} cannot score a row of {len(ids)} tokens: it is longer than the "
+                    f"served model's context ({self._redact(str(err))[:200]}); serve the teacher with a "
+                    "--max-model-len of at least the prompt + rollout.max_tokens") from None
             if 400 <= err.status_code < 500:  # the request itself is refused: token-id prompts or the field unknown
                 raise EndpointCapabilityError(
                     f"the endpoint {self.base_url} refused a prompt log-prob request (HTTP {err.status_code}: "
