@@ -313,7 +313,9 @@ def summary_markdown(cfg: PipelineConfig, profile: Profile, with_files: bool = T
 
 
 def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str) -> str:
-    """The pipeline's report: `summary_markdown` and links to every step's own reports. Returns the Markdown."""
+    """The pipeline's report: `summary_markdown` and links to every step's own reports (and beside it, `summary_values`
+    as JSON: report.md -> report.json). Returns the Markdown."""
+    import json
     import os
     from pathlib import Path
 
@@ -329,4 +331,15 @@ def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str) -> s
     text = "\n".join(lines) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text, encoding="utf-8")
+    Path(path).with_suffix(".json").write_text(json.dumps(summary_values(cfg, profile), indent=1), encoding="utf-8")
     return text
+
+
+def summary_values(cfg: PipelineConfig, profile: Profile) -> dict:
+    """The report's numbers for programs (`nrr regress` reads its goldens here): each row's value overall and per
+    level, and summary.paired's gains (`diff` and `se` overall, per level and over the practised levels)."""
+    rows = {label: {"all": value, "levels": level_values(file, cfg.summary.key)}
+            for label, file, value in summary_rows(cfg, profile)}
+    gains = {gain["b"]: {k: gain[k] for k in ("a", "all", "by_level", "practised", "practised_levels") if k in gain}
+             for gain in paired_gains(cfg, profile)}
+    return {"key": cfg.summary.key, "rows": rows, "gains": gains}

@@ -46,7 +46,7 @@ def cli(args: argparse.Namespace) -> int:
     for name in names:
         metrics = runs / name / "metrics.jsonl"
         rows = read_metrics(metrics) if metrics.exists() else []
-        outcomes += regression.evaluate(name, goldens.configs[name], rows)
+        outcomes += regression.evaluate(name, goldens.configs[name], rows, runs / name)
     table = regression.table_markdown(outcomes)
     runs.mkdir(parents=True, exist_ok=True)
     (runs / "regression.md").write_text(table, encoding="utf-8")
@@ -69,9 +69,17 @@ def _launch(names, goldens, runs: Path, args) -> int:
         key = stage_spec(stage).output_key
         return [f"{key}=${{dir}}"] if key else []
 
+    # whole pipelines (e.g. the demo) run one after another, each into its own run_dir; the stage configs as one
+    rc = 0
+    for name in [n for n in names if goldens.configs[n].stage == "pipeline"]:
+        entry = goldens.configs[name]
+        rc = run_pipeline(entry.config, [*entry.overrides, f"run_dir={(runs / name).resolve()}"], args.executor,
+                          executor_overrides) or rc
     steps = [StepConfig(name=n, stage=goldens.configs[n].stage, config=goldens.configs[n].config,
                         overrides=[*goldens.configs[n].overrides, *output_override(goldens.configs[n].stage)])
-             for n in names]
+             for n in names if goldens.configs[n].stage != "pipeline"]
+    if not steps:
+        return rc
     import json
     import tempfile
 
@@ -80,4 +88,4 @@ def _launch(names, goldens, runs: Path, args) -> int:
     cfg = PipelineConfig(name="regress", run_dir=str(runs.resolve()), executor=args.executor, steps=steps)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump(dataclasses.asdict(cfg), f)
-    return run_pipeline(f.name, [], args.executor, executor_overrides)
+    return run_pipeline(f.name, [], args.executor, executor_overrides) or rc

@@ -4,7 +4,9 @@
 metric at a fixed step (or the last value), the golden value, a relative and/or absolute tolerance
 and a direction (`both`: any drift fails; `higher`/`lower`: only a move the wrong way fails, for
 throughput and accuracy). Each config's run writes `metrics.jsonl` (recipes.metrics) in its output
-dir; `evaluate` turns those rows into a pass/fail table.
+dir; `evaluate` turns those rows into a pass/fail table. A config with `stage: pipeline` runs a whole
+pipeline YAML (its run_dir is the config's output dir), and its checks read a JSON file there
+(`file: report.json`, the pipeline's summary) at a dotted `metric` path such as `rows.GRPO.levels.4`.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ class Check:
     rtol: float = 0.0
     atol: float = 0.0
     direction: Literal["both", "higher", "lower"] = "both"
+    file: str | None = None  # a JSON file in the run's output dir, `metric` a dotted path into it; None: metrics.jsonl
 
 
 @dataclass
 class RegressionConfig:
-    stage: str = required()
+    stage: str = required()  # a stage of `nrr`, or "pipeline": `config` is a pipeline YAML run as a whole
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     ci: bool = False  # cheap enough (tiny, CPU) to run in CI
@@ -95,10 +98,30 @@ def compare(check: Check, observed: float | None) -> tuple[bool, str]:
     return False, f"off by {delta:+.4g} (tolerance {tol:.4g}, {check.direction})"
 
 
-def evaluate(name: str, cfg: RegressionConfig, rows: list[dict]) -> list[Outcome]:
+def json_value(path: str | Path, dotted: str) -> float | None:
+    """The number at `dotted` (keys, or list indices) in the JSON file at `path`; None if absent."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    node = json.loads(path.read_text(encoding="utf-8"))
+    for part in dotted.split("."):
+        if isinstance(node, list) and part.lstrip("-").isdigit():
+            node = node[int(part)] if -len(node) <= int(part) < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def evaluate(name: str, cfg: RegressionConfig, rows: list[dict], run_dir: str | Path | None = None) -> list[Outcome]:
+    """Each check against `rows` (the run's metrics.jsonl), or for a check with `file`, that file in `run_dir`."""
     outcomes = []
     for check in cfg.checks:
-        value = observed_value(rows, check.metric, check.step)
+        if check.file:
+            value = json_value(Path(run_dir) / check.file, check.metric) if run_dir is not None else None
+        else:
+            value = observed_value(rows, check.metric, check.step)
         passed, reason = compare(check, value)
         outcomes.append(Outcome(name, check.metric, check.step, check.golden, value, passed, reason))
     return outcomes

@@ -124,3 +124,37 @@ def test_step_overrides_reach_the_named_step_and_unknown_steps_are_refused(tmp_p
     cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", f"steps={steps}", "step_overrides={sft: [a=1]}"])
     with pytest.raises(ConfigError, match="step_overrides names unknown steps sft; steps: gen"):
         plan(cfg, profile)
+
+
+def test_report_json_feeds_the_regression_goldens(tmp_path, capsys):
+    """report.md's numbers land in report.json, and a `stage: pipeline` golden reads them by dotted path."""
+    import yaml
+
+    from launchers.pipeline import write_pipeline_report
+    from recipes.cli import main
+
+    run = tmp_path / "runs" / "demo"
+    write_run(run, {"SFT": (A, 0.25), "GRPO": (B, 0.8)})
+    cfg = pipeline(run, ["summary.practised=[2]"])
+    write_pipeline_report(cfg, load_profile("local", []), str(run / "report.md"))
+    values = json.loads((run / "report.json").read_text())
+    assert values["rows"]["GRPO"] == {"all": 0.8, "levels": {"1": 1.0, "2": 2 / 3}}
+    assert values["gains"]["GRPO"]["practised"]["diff"] == 0.5 and values["gains"]["GRPO"]["a"] == "SFT"
+    assert math.isclose(values["gains"]["GRPO"]["all"]["se"], math.sqrt(1 / 3) / 2)
+
+    goldens = tmp_path / "goldens.yaml"
+    checks = [{"metric": "rows.GRPO.levels.2", "file": "report.json", "golden": 0.7, "atol": 0.05},
+              {"metric": "gains.GRPO.practised.diff", "file": "report.json", "golden": 0.3, "atol": 0.1,
+               "direction": "higher"},
+              {"metric": "rows.SFT.all", "file": "report.json", "golden": 0.5, "atol": 0.1}]
+    goldens.write_text(yaml.safe_dump({"configs": {"demo": {
+        "stage": "pipeline", "config": "nemo_configs/pipeline/embedded.yaml", "checks": checks}}}))
+    args = ["regress", "--goldens", str(goldens), "--runs", str(run.parent), "--compare-only", "--only", "demo"]
+    assert main(args) == 1
+    table = (run.parent / "regression.md").read_text()
+    assert "| demo | rows.GRPO.levels.2 | last | 0.7 | 0.666667 | PASS |" in table
+    assert "| demo | gains.GRPO.practised.diff | last | 0.3 | 0.5 | PASS |" in table  # higher: a larger gain passes
+    assert "| demo | rows.SFT.all | last | 0.5 | 0.25 | FAIL: off by -0.25 (tolerance 0.1, both) |" in table
+    (run / "report.json").unlink()
+    assert main(args) == 1 and "FAIL: not logged" in (run.parent / "regression.md").read_text()
+    capsys.readouterr()
