@@ -275,3 +275,26 @@ def test_logit_kd_runs_end_to_end(tmp_path, tp1_run, kd_pp2_run):
             assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / gpus)
             assert r["model_tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * flops / 1e12)
             assert "mfu" not in r  # no peak known for a CPU
+
+
+def test_the_matmul_peak_is_the_best_of_its_readings():
+    """A benchmark's peak: each reading the best of repeated products (FLOPs 2 n^3), and of a run's readings the
+    best per dtype, the spread of the fp32 ones kept (load only lowers a reading)."""
+    from recipes.bench.peak import best_peak, matmul_peak, model_gflops
+    from recipes.metrics import model_flops_per_token
+
+    reading = matmul_peak(n=64, repeats=3, dtypes=("float32",), min_seconds=0.0)
+    assert reading["n"] == 64 and reading["float32"] > 0 and "bfloat16" not in reading
+    before = {"threads": 2, "n": 1024, "float32": 120.0, "bfloat16": 300.0}
+    after = {"threads": 2, "n": 1024, "float32": 160.0, "bfloat16": 280.0}
+    peak = best_peak(before, after)
+    assert peak["float32"] == 160.0 and peak["bfloat16"] == 300.0 and peak["threads"] == 2
+    assert peak["readings"] == [{"float32": 120.0, "bfloat16": 300.0}, {"float32": 160.0, "bfloat16": 280.0}]
+    assert peak["fp32_spread"] == 0.25  # 1 - 120 / 160
+    # the achieved side, by hand (PaLM's count): projections 2 x (64 x 8 x 16 + 64 x 64 + 3 x 64 x 256) = 122,880
+    # and the output layer 384 x 64 = 24,576 parameters, x 6; attention 12 x 2 layers x 4 heads x 16 x 128 tokens
+    hf = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+          "vocab_size": 384, "num_key_value_heads": 2}
+    assert model_flops_per_token(hf, 128) == 6 * (122_880 + 24_576) + 196_608 == 1_081_344
+    assert model_gflops(hf, 10_000.0, 128) == 10.81  # 10k training tokens/s
+    assert model_gflops(hf, 30_000.0, 128, training=False) == 10.81  # a forward: a third of the FLOPs

@@ -19,14 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def rollout_throughput(backend_name: str, chunks, hf: dict, engine_dir: Path, prompts: list[list[int]], n: int,
-                       max_tokens: int) -> dict:
-    """Sampled tokens per second of one backend, after a refit and one warm-up call."""
+                       max_tokens: int, enforce_eager: bool = True) -> dict:
+    """Sampled tokens per second of one backend, after a refit and one warm-up call (vLLM: eager, or compiled with
+    `enforce_eager=False`; its compile time is in `start_seconds`)."""
     from recipes.rl.refit import refit
     from recipes.rl.rollout import RolloutConfig, start_engine
 
-    cfg = RolloutConfig(backend=backend_name, max_tokens=max_tokens)
+    cfg = RolloutConfig(backend=backend_name, max_tokens=max_tokens, enforce_eager=enforce_eager)
+    began = time.perf_counter()
     backend = start_engine(cfg, engine_dir,
                            max_model_len=int(hf.get("max_position_embeddings", 512)))
+    start_s = time.perf_counter() - began
     refit_s = refit(backend, chunks, hf)
     backend.generate(prompts[:2], cfg.sampling(2, seed=123))  # warm-up
     start = time.perf_counter()
@@ -35,7 +38,7 @@ def rollout_throughput(backend_name: str, chunks, hf: dict, engine_dir: Path, pr
     tokens = sum(len(c.token_ids) for group in outs for c in group)
     backend.close()
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "refit_seconds": round(refit_s, 4)}
+            "refit_seconds": round(refit_s, 4), "start_seconds": round(start_s, 1)}
 
 
 def step_time_shares(init_checkpoint: str | None, steps: int, run_dir: Path) -> dict:
@@ -86,16 +89,21 @@ def bench_grpo(init_checkpoint: str | None = None, prompts: int = 16, group_size
     batch = [tok.prompt_ids(p.question) for p in task.train_problems([2, 3], prompts // 2, seed=11)]
     result = {"prompts": len(batch), "group_size": group_size, "max_tokens": max_tokens,
               "policy": init_checkpoint or "random-init"}
-    for name in ("vllm", "hf"):
-        result[f"rollout_{name}"] = rollout_throughput(name, chunks, hf, engine_dir, batch, group_size, max_tokens)
+    from recipes.bench.peak import best_peak, matmul_peak, model_gflops
+
+    peak_before = matmul_peak()  # read again after the rollouts: the best reading is the peak
+    backends = {"vllm": ("vllm", True), "vllm_compiled": ("vllm", False), "hf": ("hf", True)}
+    for name, (backend, eager) in backends.items():
+        result[f"rollout_{name}"] = rollout_throughput(backend, chunks, hf, engine_dir, batch, group_size, max_tokens,
+                                                       enforce_eager=eager)
     result["rollout_speedup_vllm_over_hf"] = round(
         result["rollout_vllm"]["tokens_per_s"] / result["rollout_hf"]["tokens_per_s"], 2)
+    result["rollout_speedup_compiled_over_eager"] = round(
+        result["rollout_vllm_compiled"]["tokens_per_s"] / result["rollout_vllm"]["tokens_per_s"], 2)
     # generation against the machine's fp32 matmul peak (the engine runs the fp32 tiny model): forward FLOPs per
     # sampled token at the mean context, prompt plus half the sampled tokens
-    from recipes.bench.peak import matmul_peak, model_gflops
-
-    result["matmul_peak_gflops"] = peak = matmul_peak()
-    for name in ("vllm", "hf"):
+    result["matmul_peak_gflops"] = peak = best_peak(peak_before, matmul_peak())
+    for name in backends:
         r = result[f"rollout_{name}"]
         context = sum(map(len, batch)) / len(batch) + r["tokens"] / (len(batch) * group_size) / 2
         r["model_gflops"] = model_gflops(hf, r["tokens_per_s"], round(context), training=False)
