@@ -99,7 +99,7 @@ def compare(check: Check, observed: float | None) -> tuple[bool, str]:
 
 
 def json_value(path: str | Path, dotted: str) -> float | None:
-    """The number at `dotted` (keys, or list indices) in the JSON file at `path`; None if absent."""
+    """The number at the `dotted` keys in the JSON file at `path`; None if absent."""
     import json
 
     path = Path(path)
@@ -107,10 +107,7 @@ def json_value(path: str | Path, dotted: str) -> float | None:
         return None
     node = json.loads(path.read_text(encoding="utf-8"))
     for part in dotted.split("."):
-        if isinstance(node, list) and part.lstrip("-").isdigit():
-            node = node[int(part)] if -len(node) <= int(part) < len(node) else None
-        else:
-            node = node.get(part) if isinstance(node, dict) else None
+        node = node.get(part) if isinstance(node, dict) else None
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
