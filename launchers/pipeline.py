@@ -279,22 +279,24 @@ def level_values(path: str, key: str) -> dict[str, float]:
     return {lvl: float(v[leaf]) for lvl, v in by_level.items() if isinstance(v, dict) and isinstance(v.get(leaf), (int, float))}
 
 
-def summary_markdown(cfg: PipelineConfig, profile: Profile, with_files: bool = True) -> list[str]:
+def summary_markdown(cfg: PipelineConfig, profile: Profile, with_files: bool = True,
+                     values: dict | None = None) -> list[str]:
     """What the run was measured on, its stage times, the summary table (a column per level when the evals
-    report levels) and summary.paired's gains with their paired standard errors."""
+    report levels) and summary.paired's gains with their paired standard errors; from `values` (`summary_values`)
+    when the caller has them already."""
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}" if v <= 1 else f"{v:g}"
 
-    rows = summary_rows(cfg, profile)
-    levels = {label: level_values(file, cfg.summary.key) for label, file, _ in rows}
+    values = values or summary_values(cfg, profile)
+    levels = {label: row["levels"] for label, row in values["rows"].items()}
     level_names = sorted({lvl for per in levels.values() for lvl in per}, key=lambda x: (len(x), x))
     lines = [*run_section(run_path(profile, cfg.run_dir)), f"`{cfg.summary.key}`, each row from its step's "
              f"summary.json.", "", "| model | all | " + "".join(f"L{lvl} | " for lvl in level_names)
              + ("from |" if with_files else ""), "|---|---:|" + "---:|" * len(level_names) + ("---|" if with_files else "")]
-    for label, file, value in rows:
+    for label, row in values["rows"].items():
         cells = "".join(f"{pct(levels[label].get(lvl))} | " for lvl in level_names)
-        lines.append(f"| {label} | {pct(value)} | {cells}" + (f"`{file}` |" if with_files else ""))
-    gains = paired_gains(cfg, profile)
+        lines.append(f"| {label} | {pct(row['all'])} | {cells}" + (f"`{row['file']}` |" if with_files else ""))
+    gains = list(values["gains"].values())
     for gain in gains:
         cells = "".join(f"{gain_cell(gain['by_level'].get(lvl))} | " for lvl in level_names)
         lines.append(f"| {gain['b']} − {gain['a']} (points) | {gain_cell(gain['all'])} | {cells}"
@@ -320,7 +322,8 @@ def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str) -> s
     from pathlib import Path
 
     run_dir = run_path(profile, cfg.run_dir)
-    lines = [f"# {cfg.name}: {cfg.summary.title}", "", *summary_markdown(cfg, profile)]
+    values = summary_values(cfg, profile)  # once: the Markdown and report.json show the same numbers
+    lines = [f"# {cfg.name}: {cfg.summary.title}", "", *summary_markdown(cfg, profile, values=values)]
     lines += ["", "## Step reports", ""]
     for step in cfg.steps:
         found = [Path(run_dir) / step.name / name for name in _STEP_REPORTS]
@@ -331,15 +334,15 @@ def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str) -> s
     text = "\n".join(lines) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text, encoding="utf-8")
-    Path(path).with_suffix(".json").write_text(json.dumps(summary_values(cfg, profile), indent=1), encoding="utf-8")
+    Path(path).with_suffix(".json").write_text(json.dumps(values, indent=1), encoding="utf-8")
     return text
 
 
 def summary_values(cfg: PipelineConfig, profile: Profile) -> dict:
-    """The report's numbers for programs (`nrr regress` reads its goldens here): each row's value overall and per
-    level, and summary.paired's gains (`diff` and `se` overall, per level and over the practised levels)."""
-    rows = {label: {"all": value, "levels": level_values(file, cfg.summary.key)}
+    """The report's numbers (`summary_markdown` prints them; `nrr regress` reads its goldens from report.json): each
+    row's file, value overall and per level, and summary.paired's gains by row (`diff` and `se` overall, per level
+    and over the practised levels)."""
+    rows = {label: {"file": file, "all": value, "levels": level_values(file, cfg.summary.key)}
             for label, file, value in summary_rows(cfg, profile)}
-    gains = {gain["b"]: {k: gain[k] for k in ("a", "all", "by_level", "practised", "practised_levels") if k in gain}
-             for gain in paired_gains(cfg, profile)}
+    gains = {gain["b"]: gain for gain in paired_gains(cfg, profile)}
     return {"key": cfg.summary.key, "rows": rows, "gains": gains}

@@ -138,7 +138,8 @@ def test_report_json_feeds_the_regression_goldens(tmp_path, capsys):
     cfg = pipeline(run, ["summary.practised=[2]"])
     write_pipeline_report(cfg, load_profile("local", []), str(run / "report.md"))
     values = json.loads((run / "report.json").read_text())
-    assert values["rows"]["GRPO"] == {"all": 0.8, "levels": {"1": 1.0, "2": 2 / 3}}
+    assert values["rows"]["GRPO"] == {"file": str(run / "eval" / "GRPO" / "summary.json"), "all": 0.8,
+                                      "levels": {"1": 1.0, "2": 2 / 3}}
     assert values["gains"]["GRPO"]["practised"]["diff"] == 0.5 and values["gains"]["GRPO"]["a"] == "SFT"
     assert math.isclose(values["gains"]["GRPO"]["all"]["se"], math.sqrt(1 / 3) / 2)
 
