@@ -314,15 +314,15 @@ def summary_markdown(cfg: PipelineConfig, profile: Profile, with_files: bool = T
     return [line.rstrip() for line in lines]
 
 
-def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str) -> str:
+def write_pipeline_report(cfg: PipelineConfig, profile: Profile, path: str, values: dict | None = None) -> str:
     """The pipeline's report: `summary_markdown` and links to every step's own reports (and beside it, `summary_values`
-    as JSON: report.md -> report.json). Returns the Markdown."""
+    as JSON: report.md -> report.json; `values` when the caller has them). Returns the Markdown."""
     import json
     import os
     from pathlib import Path
 
     run_dir = run_path(profile, cfg.run_dir)
-    values = summary_values(cfg, profile)  # once: the Markdown and report.json show the same numbers
+    values = values or summary_values(cfg, profile)  # once: the Markdown and report.json show the same numbers
     lines = [f"# {cfg.name}: {cfg.summary.title}", "", *summary_markdown(cfg, profile, values=values)]
     lines += ["", "## Step reports", ""]
     for step in cfg.steps:

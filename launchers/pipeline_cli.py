@@ -40,22 +40,22 @@ def print_summary(cfg, profile, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from launchers.pipeline import gain_cell, level_values, paired_gains, summary_rows
+    from launchers.pipeline import gain_cell, summary_values
 
-    rows = summary_rows(cfg, profile)
-    if not rows:
+    if cfg.summary is None or not cfg.summary.rows:
         return
+    values = summary_values(cfg, profile)  # once, for this table and the report files
 
     def cell(value: float | None) -> str:
         return "—" if value is None else f"{value:.1%}" if value <= 1 else f"{value:g}"
 
-    levels = {label: level_values(path, cfg.summary.key) for label, path, _ in rows}
+    levels = {label: row["levels"] for label, row in values["rows"].items()}
     names = sorted({lvl for per in levels.values() for lvl in per}, key=lambda x: (len(x), x))
     console = Console(file=file or sys.stdout, width=140)
     table = Table("model", cfg.summary.key, *(f"L{n}" for n in names), "from", title=cfg.summary.title)
-    for label, path, value in rows:
-        table.add_row(label, cell(value), *(cell(levels[label].get(n)) for n in names), path)
-    gains = paired_gains(cfg, profile)
+    for label, row in values["rows"].items():
+        table.add_row(label, cell(row["all"]), *(cell(levels[label].get(n)) for n in names), row["file"])
+    gains = list(values["gains"].values())
     for gain in gains:
         table.add_row(f"{gain['b']} − {gain['a']} (points)", gain_cell(gain["all"]),
                       *(gain_cell(gain["by_level"].get(n)) for n in names),
@@ -73,7 +73,7 @@ def print_summary(cfg, profile, file=None) -> None:
         run_dir = run_path(profile, cfg.run_dir)
         dirs = {s.name: f"{run_dir}/{s.name}" for s in cfg.steps}
         report = substitute(cfg.summary.report, dirs, None, run_dir, "summary.report")
-        write_pipeline_report(cfg, profile, report)
+        write_pipeline_report(cfg, profile, report, values)
         console.print(f"report: {report}", markup=False)
 
 
